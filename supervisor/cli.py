@@ -1,0 +1,249 @@
+"""The `supervisor` command: start the stack, or talk to the running supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import msgspec
+
+from supervisor import config as config_mod
+from supervisor import state
+from supervisor.control import ControlClient, ControlError, NotRunning
+from supervisor.logs import Printer
+
+
+def _load(ctx: click.Context) -> config_mod.Config:
+    try:
+        return config_mod.load(ctx.obj["config_path"])
+    except config_mod.ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+def _call(cfg: config_mod.Config, method: str, route: str, body=None) -> dict:
+    try:
+        return asyncio.run(ControlClient(cfg.socket_path).call(method, route, body))
+    except NotRunning:
+        click.echo(f"the supervisor is not running (no control socket answers at {cfg.socket_path})", err=True)
+        sys.exit(3)
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help=f"Configuration file (default: ./{config_mod.CONFIG_FILE} or $MESHVISOR_CONFIG).")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """meshvisor: run the services of the Procfile with Consul and PostgreSQL."""
+    ctx.obj = {"config_path": config_path}
+
+
+@main.command()
+@click.option("--detach", is_flag=True, help="Run in the background; return once every instance is up.")
+@click.option("--wait", "wait_timeout", default=300.0, show_default=True,
+              help="With --detach: how long to wait for the stack to come up (seconds).")
+@click.option("--daemon", is_flag=True, hidden=True)
+@click.pass_context
+def start(ctx: click.Context, detach: bool, wait_timeout: float, daemon: bool) -> None:
+    """Start the whole stack (in the foreground unless --detach)."""
+    cfg = _load(ctx)
+    holder = state.holder_pid(cfg.state_dir)
+    if holder:
+        raise click.ClickException(f"a supervisor is already running for {cfg.state_dir} (pid {holder})")
+    if detach:
+        sys.exit(_start_detached(cfg, wait_timeout))
+    from supervisor.daemon import Daemon
+
+    code = asyncio.run(Daemon(cfg, foreground=not daemon).run())
+    sys.exit(code)
+
+
+def _start_detached(cfg: config_mod.Config, wait_timeout: float) -> int:
+    state.prepare(cfg.state_dir)
+    out_path = cfg.state_dir / "logs" / "supervisor.out"
+    argv = [sys.executable, "-m", "supervisor", "--config", str(cfg.config_path), "start", "--daemon"]
+    with open(out_path, "ab") as out:
+        child = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=str(cfg.root),
+        )
+    click.echo(f"supervisor started in the background (pid {child.pid}); waiting for the stack")
+    deadline = time.monotonic() + wait_timeout
+    client = ControlClient(cfg.socket_path, timeout=5)
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            click.echo(f"the supervisor exited with code {child.returncode}; last lines of its log:", err=True)
+            for line in _tail(cfg.state_dir / "logs" / "supervisor.log", 15):
+                click.echo("  " + line, err=True)
+            return 1
+        try:
+            report = asyncio.run(client.call("GET", "/v1/status"))
+        except (NotRunning, ControlError, OSError):
+            time.sleep(0.3)
+            continue
+        phase = report["supervisor"]["phase"]
+        if phase in ("running", "failed"):
+            problems = report["supervisor"]["problems"]
+            _print_table(report)
+            if problems:
+                for problem in problems:
+                    click.echo(f"problem: {problem}", err=True)
+                return 1
+            return 0
+        time.sleep(0.3)
+    click.echo(f"the stack was not up within {wait_timeout:g}s; see `supervisor status`", err=True)
+    return 1
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Every process: state, pid, uptime, restarts, CPU, memory, port."""
+    cfg = _load(ctx)
+    report = _call(cfg, "GET", "/v1/status")
+    if as_json:
+        click.echo(msgspec.json.format(msgspec.json.encode(report)).decode())
+        return
+    _print_table(report)
+
+
+def _print_table(report: dict) -> None:
+    sup = report["supervisor"]
+    click.echo(f"supervisor pid {sup['pid']}, {sup['phase']}, up {_duration(sup['uptime'])}, state in {sup['state_dir']}")
+    header = ["SERVICE", "INSTANCE", "PROCESS", "PID", "STATE", "UPTIME", "RESTARTS", "CPU%", "MEM", "PORT"]
+    rows = []
+    for row in report["processes"]:
+        rows.append([
+            row["service"] if row["instance"] is not None else row["process"],
+            str(row["instance"]) if row["instance"] is not None else "-",
+            row["process"],
+            str(row["pid"] or "-"),
+            row["state"],
+            _duration(row["uptime"]) if row["uptime"] is not None else "-",
+            str(row["restarts"]),
+            f"{row['cpu_percent']:.1f}",
+            _size(row["memory"]) if row["memory"] else "-",
+            str(row["port"] or "-"),
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for row in report["processes"]:
+        if row["reason"]:
+            click.echo(f"{row['process']}: {row['reason']}")
+    for problem in sup["problems"]:
+        click.echo(f"problem: {problem}")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+@main.command()
+@click.argument("counts", nargs=-1, required=True)
+@click.pass_context
+def scale(ctx: click.Context, counts: tuple[str, ...]) -> None:
+    """Set instance counts: supervisor scale auth=3 example=2"""
+    cfg = _load(ctx)
+    wanted: dict[str, int] = {}
+    for item in counts:
+        name, sep, number = item.partition("=")
+        if not sep or not name or not number.isdigit():
+            raise click.UsageError(f"'{item}' is not NAME=COUNT (e.g. auth=3)")
+        if name not in cfg.services:
+            raise click.UsageError(f"no service named '{name}' (services: {', '.join(cfg.services)})")
+        wanted[name] = int(number)
+    outcome = _call(cfg, "POST", "/v1/scale", {"counts": wanted})
+    _report(outcome, "scaled " + ", ".join(f"{k}={v}" for k, v in wanted.items()))
+
+
+@main.command()
+@click.argument("target")
+@click.pass_context
+def restart(ctx: click.Context, target: str) -> None:
+    """Restart NAME (every instance, one at a time) or NAME.INDEX."""
+    cfg = _load(ctx)
+    outcome = _call(cfg, "POST", "/v1/restart", {"target": target})
+    _report(outcome, f"restarted {target}")
+
+
+def _report(outcome: dict, success: str) -> None:
+    if outcome["ok"]:
+        click.echo(success)
+        return
+    for problem in outcome["problems"]:
+        click.echo(f"error: {problem}", err=True)
+    sys.exit(1)
+
+
+@main.command()
+@click.option("--timeout", default=120.0, show_default=True, help="How long to wait for the stop (seconds).")
+@click.pass_context
+def stop(ctx: click.Context, timeout: float) -> None:
+    """Stop the whole stack and the supervisor."""
+    cfg = _load(ctx)
+    pid = state.holder_pid(cfg.state_dir)
+    _call(cfg, "POST", "/v1/stop")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state.holder_pid(cfg.state_dir) is None:
+            click.echo("stopped")
+            return
+        time.sleep(0.2)
+    raise click.ClickException(f"the supervisor (pid {pid}) is still stopping after {timeout:g}s")
+
+
+@main.command()
+@click.argument("target", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "lines", default=50, show_default=True, help="How many past lines to show.")
+@click.pass_context
+def logs(ctx: click.Context, target: str | None, follow: bool, lines: int) -> None:
+    """Show logs of every process, of one service (NAME) or of one instance (NAME.INDEX)."""
+    cfg = _load(ctx)
+    from supervisor import logview
+
+    files = logview.select(cfg.state_dir / "logs", target)
+    if not files:
+        raise click.ClickException(f"no logs for {target or 'any process'} in {cfg.state_dir / 'logs'}")
+    printer = Printer()
+    try:
+        logview.show(files, lines, follow, printer)
+    except KeyboardInterrupt:
+        pass
+
+
+def _tail(path: Path, count: int) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-count:]
+    except FileNotFoundError:
+        return []
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

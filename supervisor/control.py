@@ -1,0 +1,122 @@
+"""The control API: JSON over HTTP on a Unix socket in the state dir (owner only).
+
+  GET  /v1/status                     every process with its figures
+  POST /v1/scale    {"counts": {...}}  set instance counts, answer when done
+  POST /v1/restart  {"target": "auth" | "auth.2"}  rolling restart, answer when done
+  POST /v1/stop                       stop the stack and the supervisor
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Daemon
+
+
+class ScaleRequest(msgspec.Struct, forbid_unknown_fields=True):
+    counts: dict[str, int]
+
+
+class RestartRequest(msgspec.Struct, forbid_unknown_fields=True):
+    target: str
+
+
+class Outcome(msgspec.Struct):
+    ok: bool
+    problems: list[str] = []
+
+
+class NotRunning(Exception):
+    pass
+
+
+class ControlError(Exception):
+    pass
+
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
+
+
+async def _decode(request: web.Request, kind):
+    try:
+        return msgspec.json.decode(await request.read(), type=kind)
+    except msgspec.DecodeError as exc:
+        raise web.HTTPBadRequest(
+            body=msgspec.json.encode(Outcome(ok=False, problems=[str(exc)])), content_type="application/json"
+        ) from None
+
+
+def build_app(daemon: Daemon) -> web.Application:
+    async def status(request: web.Request) -> web.Response:
+        return _json(daemon.status())
+
+    async def scale(request: web.Request) -> web.Response:
+        body = await _decode(request, ScaleRequest)
+        problems = await daemon.scale(body.counts)
+        return _json(Outcome(ok=not problems, problems=problems), 200 if not problems else 409)
+
+    async def restart(request: web.Request) -> web.Response:
+        body = await _decode(request, RestartRequest)
+        problems = await daemon.restart(body.target)
+        return _json(Outcome(ok=not problems, problems=problems), 200 if not problems else 409)
+
+    async def stop(request: web.Request) -> web.Response:
+        daemon.request_stop("stop requested through the control API")
+        return _json(Outcome(ok=True), 202)
+
+    app = web.Application()
+    app.router.add_get("/v1/status", status)
+    app.router.add_post("/v1/scale", scale)
+    app.router.add_post("/v1/restart", restart)
+    app.router.add_post("/v1/stop", stop)
+    return app
+
+
+class ControlServer:
+    def __init__(self, daemon: Daemon, path: Path) -> None:
+        self.path = path
+        self._runner = web.AppRunner(build_app(daemon), access_log=None, handle_signals=False)
+
+    async def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        await self._runner.setup()
+        old = os.umask(0o177)
+        try:
+            await web.UnixSite(self._runner, str(self.path)).start()
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+        self.path.unlink(missing_ok=True)
+
+
+class ControlClient:
+    def __init__(self, path: Path, timeout: float = 600) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    async def call(self, method: str, route: str, body=None) -> dict:
+        if not self.path.exists():
+            raise NotRunning()
+        connector = aiohttp.UnixConnector(path=str(self.path))
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        try:
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+                data = msgspec.json.encode(body) if body is not None else None
+                async with session.request(method, f"http://supervisor{route}", data=data) as resp:
+                    payload = msgspec.json.decode(await resp.read())
+                    if resp.status >= 400 and resp.status != 409:
+                        raise ControlError("; ".join(payload.get("problems", [])) or f"HTTP {resp.status}")
+                    return payload
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError):
+            raise NotRunning() from None

@@ -1,0 +1,93 @@
+"""The embedded Consul agent: a single-node server with the UI, data under the state dir."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+
+from supervisor.config import Config, RestartPolicy
+from supervisor.infra import InfraError
+from supervisor.process import ProcessSpec
+
+# Restarts of the agent: quick first, then patient; a broken agent ends FATAL.
+_POLICY = RestartPolicy(backoff_initial=1.0, backoff_max=30.0, max_retries=8, stable_after=30.0)
+
+
+def find_binary(root: Path) -> str:
+    override = os.environ.get("MESHVISOR_CONSUL")
+    if override:
+        return override
+    local = root / ".tools" / "consul" / "usr" / "bin" / "consul"
+    found = shutil.which("consul")
+    if found:
+        return found
+    if local.exists():
+        return str(local)
+    raise InfraError("no consul binary: run `make setup` (fetches Consul into .tools/) or put consul on PATH")
+
+
+def spec(config: Config, env: dict[str, str]) -> ProcessSpec:
+    c = config.consul
+    host, _, http_port = c.address.rpartition(":")
+    data_dir = config.state_dir / "consul"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        find_binary(config.root), "agent", "-server", "-bootstrap-expect", "1", "-ui",
+        "-data-dir", str(data_dir),
+        "-node", c.node_name or socket.gethostname(),
+        "-datacenter", c.datacenter,
+        "-bind", c.bind,
+        "-client", host.strip("[]"),
+        "-http-port", http_port,
+        "-dns-port", str(c.dns_port),
+        "-server-port", str(c.server_port),
+        "-serf-lan-port", str(c.serf_lan_port),
+        "-serf-wan-port", str(c.serf_wan_port),
+        "-log-level", "warn",
+    ]
+    for address in c.join:
+        argv += ["-retry-join", address]
+    return ProcessSpec(
+        name="consul",
+        argv=argv,
+        env=env,
+        cwd=str(config.state_dir),
+        restart=_POLICY,
+        stop_timeout=15.0,
+        stop_signal=signal.SIGTERM,
+        parent_death_signal=signal.SIGTERM,
+        port=int(http_port),
+        ready_check=lambda: has_leader(c.address, c.token),
+    )
+
+
+async def has_leader(address: str, token: str = "") -> bool:
+    headers = {"X-Consul-Token": token} if token else {}
+    timeout = aiohttp.ClientTimeout(total=2)
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+        async with session.get(f"http://{address}/v1/status/leader") as resp:
+            if resp.status != 200:
+                return False
+            leader = await resp.json(content_type=None)
+            return bool(leader)
+
+
+async def wait_for_external(address: str, token: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            if await has_leader(address, token):
+                return
+            last = "no leader yet"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            last = str(exc) or type(exc).__name__
+        await asyncio.sleep(0.5)
+    raise InfraError(f"the Consul agent at {address} did not answer with a leader within {timeout:g}s ({last})")

@@ -1,0 +1,254 @@
+"""PostgreSQL for the services: an embedded server in the state dir, or an external one.
+
+Embedded: `initdb` on first start, then `postgres` on its own port bound to 127.0.0.1,
+with its Unix socket in a private folder. PostgreSQL refuses to run as root, so a root
+supervisor runs it as the `postgres` user with the data owned by that user.
+
+Either way every service that declares a database gets one database and one login role
+of its own with a generated password, kept in <state_dir>/postgres/credentials.json
+(mode 0600). Other roles may not connect to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import asyncpg
+
+from supervisor.config import Config, RestartPolicy
+from supervisor.infra import InfraError
+from supervisor.process import ProcessSpec
+
+SUPERUSER = "postgres"
+_POLICY = RestartPolicy(backoff_initial=1.0, backoff_max=30.0, max_retries=8, stable_after=30.0)
+
+
+@dataclass
+class Layout:
+    bin_dir: Path
+    data_dir: Path
+    socket_dir: Path
+    uid: int | None  # None: run as ourselves
+    gid: int | None
+
+
+def layout(config: Config) -> Layout:
+    pg = config.postgres
+    bin_dir = Path(pg.bin_dir) if pg.bin_dir else _find_bin_dir()
+    base = config.state_dir / "postgres"
+    data_dir = Path(pg.data_dir) if pg.data_dir else base / "data"
+    if not data_dir.is_absolute():
+        data_dir = config.root / data_dir
+    uid = gid = None
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            raise InfraError(
+                "running as root, the embedded PostgreSQL needs the unprivileged 'postgres' user "
+                "(Debian's postgresql package creates it)"
+            ) from None
+        uid, gid = user.pw_uid, user.pw_gid
+        for path in (data_dir.parent, config.state_dir):
+            blocked = _first_unreachable(path, uid, gid)
+            if blocked:
+                raise InfraError(
+                    f"PostgreSQL runs as user 'postgres', which cannot enter {blocked}; "
+                    f"give others search permission on it (chmod o+x {blocked}) "
+                    "or set postgres.data_dir / supervisor.state_dir to a reachable folder"
+                )
+    return Layout(bin_dir=bin_dir, data_dir=data_dir, socket_dir=base / "run", uid=uid, gid=gid)
+
+
+def _find_bin_dir() -> Path:
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/postgres"),
+        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+    )
+    if candidates:
+        return Path(candidates[-1]).parent
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
+        if out and (Path(out) / "postgres").exists():
+            return Path(out)
+    found = shutil.which("postgres")
+    if found:
+        return Path(found).parent
+    raise InfraError("no PostgreSQL server binaries (postgres, initdb): run `make setup` or set postgres.bin_dir")
+
+
+def _first_unreachable(path: Path, uid: int, gid: int) -> Path | None:
+    """The first folder on the way to `path` that uid/gid may not traverse."""
+    current = Path("/")
+    for part in path.resolve().parts[1:]:
+        current = current / part
+        try:
+            st = current.stat()
+        except FileNotFoundError:
+            return None  # we create the rest, with traversable modes
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return current
+    return None
+
+
+def _owned_dir(path: Path, lay: Layout) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    if lay.uid is not None:
+        os.chown(path, lay.uid, lay.gid)
+
+
+async def initdb(lay: Layout, log) -> None:
+    """Create the cluster on first start; a no-op once PG_VERSION exists."""
+    lay.data_dir.parent.mkdir(parents=True, exist_ok=True)
+    _owned_dir(lay.socket_dir, lay)
+    if (lay.data_dir / "PG_VERSION").exists():
+        return
+    if lay.data_dir.exists() and any(lay.data_dir.iterdir()):
+        raise InfraError(f"{lay.data_dir} is not empty and holds no PostgreSQL cluster")
+    _owned_dir(lay.data_dir, lay)
+    log.write(f"[meshvisor] initdb {lay.data_dir}".encode())
+    proc = await asyncio.create_subprocess_exec(
+        str(lay.bin_dir / "initdb"),
+        "-D", str(lay.data_dir),
+        "-U", SUPERUSER,
+        "--auth-local=trust",  # the socket folder is private to the server's user
+        "--auth-host=scram-sha-256",
+        "--encoding=UTF8", "--locale=C",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=str(lay.data_dir.parent),
+        user=lay.uid,
+        group=lay.gid,
+        extra_groups=[] if lay.uid is not None else None,
+    )
+    out, _ = await proc.communicate()
+    for line in out.splitlines():
+        log.write(line)
+    if proc.returncode != 0:
+        raise InfraError(f"initdb failed with code {proc.returncode}; see the postgres log")
+
+
+def spec(config: Config, lay: Layout, env: dict[str, str]) -> ProcessSpec:
+    port = config.postgres.port
+    return ProcessSpec(
+        name="postgres",
+        argv=[
+            str(lay.bin_dir / "postgres"),
+            "-D", str(lay.data_dir),
+            "-p", str(port),
+            "-c", "listen_addresses=127.0.0.1",
+            "-c", f"unix_socket_directories={lay.socket_dir}",
+            "-c", "logging_collector=off",
+            "-c", "password_encryption=scram-sha-256",
+        ],
+        env=env,
+        cwd=str(lay.data_dir),
+        restart=_POLICY,
+        stop_timeout=30.0,
+        # SIGINT is PostgreSQL's "fast shutdown": roll back clients, checkpoint, exit.
+        stop_signal=signal.SIGINT,
+        parent_death_signal=signal.SIGINT,
+        user=lay.uid,
+        group=lay.gid,
+        port=port,
+        ready_check=lambda: _accepts(lay.socket_dir, port),
+    )
+
+
+async def _accepts(socket_dir: Path, port: int) -> bool:
+    conn = await asyncpg.connect(host=str(socket_dir), port=port, user=SUPERUSER, database="postgres", timeout=2)
+    await conn.close()
+    return True
+
+
+async def admin_connect(config: Config, lay: Layout | None) -> asyncpg.Connection:
+    if config.postgres.mode == "embedded":
+        assert lay is not None
+        return await asyncpg.connect(
+            host=str(lay.socket_dir), port=config.postgres.port, user=SUPERUSER, database="postgres", timeout=10
+        )
+    return await asyncpg.connect(config.postgres.dsn, timeout=10)
+
+
+class Credentials:
+    """<state_dir>/postgres/credentials.json: role passwords, readable by the owner only."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "postgres" / "credentials.json"
+
+    def load(self) -> dict[str, str]:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def save(self, data: dict[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, self.path)
+
+
+async def provision(config: Config, lay: Layout | None) -> dict[str, str]:
+    """Make one database + role per service that needs one. Returns {service: base DSN}."""
+    wanted = {s.name: s.database for s in config.services.values() if s.database and not s.database_url}
+    dsns = {s.name: s.database_url for s in config.services.values() if s.database_url}
+    if not wanted:
+        return dsns
+    creds = Credentials(config.state_dir)
+    passwords = creds.load()
+    changed = False
+    conn = await admin_connect(config, lay)
+    try:
+        for service, database in wanted.items():
+            role = database
+            password = passwords.get(role)
+            if password is None:
+                password = secrets.token_urlsafe(24)
+                passwords[role] = password
+                changed = True
+            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+            verb = "ALTER" if exists else "CREATE"
+            # Role names are validated identifiers; the password is URL-safe base64.
+            await conn.execute(f"{verb} ROLE \"{role}\" LOGIN PASSWORD '{password}'")
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
+                await conn.execute(f'CREATE DATABASE "{database}" OWNER "{role}"')
+            await conn.execute(f'REVOKE ALL ON DATABASE "{database}" FROM PUBLIC')
+            await conn.execute(f'GRANT ALL ON DATABASE "{database}" TO "{role}"')
+            dsns[service] = _dsn(config, role, password, database)
+    finally:
+        await conn.close()
+    if changed or not creds.path.exists():
+        creds.save(passwords)
+    return dsns
+
+
+def _dsn(config: Config, role: str, password: str, database: str) -> str:
+    if config.postgres.mode == "embedded":
+        host, port = "127.0.0.1", config.postgres.port
+    else:
+        parts = urlsplit(config.postgres.dsn)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 5432
+    return f"postgresql://{quote(role)}:{quote(password)}@{host}:{port}/{quote(database)}"

@@ -1,0 +1,354 @@
+"""One supervised OS process: spawn, restart with backoff, stop its whole tree, stats.
+
+Every process gets its own process group (so a stop reaches whatever it forked) and a
+parent-death signal (so it does not outlive a supervisor killed with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import enum
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+from supervisor.backoff import Backoff
+from supervisor.config import RestartPolicy
+from supervisor.logs import ProcessLog
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class State(str, enum.Enum):
+    STARTING = "STARTING"  # spawned, not yet ready
+    RUNNING = "RUNNING"  # ready
+    BACKOFF = "BACKOFF"  # exited, waiting to be restarted
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+    FATAL = "FATAL"  # gave up after too many quick exits
+
+
+@dataclass
+class ProcessSpec:
+    name: str  # e.g. "auth.1" or "consul"
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    restart: RestartPolicy
+    stop_timeout: float = 10.0
+    stop_signal: int = signal.SIGTERM
+    # Sent by the kernel when the supervisor dies, whatever the way.
+    parent_death_signal: int = signal.SIGTERM
+    user: int | None = None  # run as this uid/gid (root supervisor running PostgreSQL)
+    group: int | None = None
+    port: int | None = None  # shown in status
+    # Resolves once the process serves; None means "alive for a second".
+    ready_check: Callable[[], Awaitable[bool]] | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _child_setup(parent_pid: int, death_signal: int) -> Callable[[], None]:
+    def setup() -> None:
+        # Runs in the child after setsid/setuid (credential changes clear the setting).
+        _libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return setup
+
+
+class Process:
+    def __init__(
+        self,
+        spec: ProcessSpec,
+        log: ProcessLog,
+        on_spawn: Callable[[Process], None] | None = None,
+        on_exit: Callable[[Process], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.log = log
+        self.state = State.STOPPED
+        self.pid: int | None = None
+        self.started_at: float | None = None
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self.reason = ""
+        self._backoff = Backoff(spec.restart)
+        self._on_spawn = on_spawn
+        self._on_exit = on_exit
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._settled = asyncio.Event()  # set on RUNNING or FATAL: "start is decided"
+        self._ps: psutil.Process | None = None
+        self._children: dict[int, psutil.Process] = {}
+        self.cpu_percent = 0.0
+        self.memory = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._stopping = False
+            self._settled.clear()
+            self._backoff.reset()
+            self._task = asyncio.create_task(self._supervise(), name=f"supervise {self.name}")
+
+    async def wait_settled(self, timeout: float) -> bool:
+        """Wait until the process is ready (True) or FATAL / timed out (False)."""
+        try:
+            await asyncio.wait_for(self._settled.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return self.state == State.RUNNING
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM (or the spec's stop signal) to the group, SIGKILL after the timeout."""
+        self._stopping = True
+        self._wake.set()
+        if self._proc is not None and self._proc.returncode is None:
+            self.state = State.STOPPING
+            await self._terminate(self.spec.stop_timeout if timeout is None else timeout)
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.state = State.STOPPED
+        self.pid = None
+
+    def kill_now(self) -> None:
+        """Last resort on a forced shutdown: SIGKILL the group without waiting."""
+        self._stopping = True
+        self._wake.set()
+        if self.pid is not None:
+            _signal_tree(self.pid, self._tree(), signal.SIGKILL)
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            try:
+                await self._spawn()
+            except OSError as exc:
+                self.log.write(f"[meshvisor] cannot start {self.spec.argv[0]}: {exc}".encode())
+                ran_for = 0.0
+                self.last_exit = None
+            else:
+                ran_for = await self._wait_exit()
+            if self._stopping:
+                break
+            delay = self._backoff.record_exit(ran_for)
+            if delay is None:
+                self.state = State.FATAL
+                self.reason = (
+                    f"exited {self._backoff.failures - 1} times within "
+                    f"{self.spec.restart.stable_after:g}s of starting (last exit {self._exit_text()})"
+                )
+                self.log.write(f"[meshvisor] FATAL: {self.reason}; not restarting".encode())
+                self._settled.set()
+                return
+            self.state = State.BACKOFF
+            self.log.write(
+                f"[meshvisor] exited ({self._exit_text()}) after {ran_for:.1f}s; restarting in {delay:g}s".encode()
+            )
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            if not self._stopping:
+                self.restarts += 1
+
+    async def _spawn(self) -> None:
+        spec = self.spec
+        self._ready.clear()
+        self.reason = ""
+        self._proc = await asyncio.create_subprocess_exec(
+            *spec.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=spec.env,
+            cwd=spec.cwd,
+            start_new_session=True,
+            user=spec.user,
+            group=spec.group,
+            extra_groups=[] if spec.user is not None else None,
+            preexec_fn=_child_setup(os.getpid(), spec.parent_death_signal),
+            limit=1 << 20,
+        )
+        self.pid = self._proc.pid
+        self.started_at = time.time()
+        self.state = State.STARTING
+        try:
+            self._ps = psutil.Process(self.pid)
+            self._ps.cpu_percent(None)
+        except psutil.Error:
+            self._ps = None
+        self._children = {}
+        if self._on_spawn:
+            self._on_spawn(self)
+
+    async def _wait_exit(self) -> float:
+        assert self._proc is not None
+        proc = self._proc
+        reader = asyncio.create_task(self._pump_output(proc.stdout))
+        readiness = asyncio.create_task(self._become_ready())
+        await proc.wait()
+        readiness.cancel()
+        # A grandchild may still hold the pipe: give the reader a moment, not forever.
+        try:
+            await asyncio.wait_for(reader, 1.0)
+        except asyncio.TimeoutError:
+            pass
+        self.last_exit = proc.returncode
+        ran_for = time.time() - (self.started_at or time.time())
+        # Whatever it left behind in its group goes with it.
+        _signal_group(proc.pid, signal.SIGKILL)
+        if self._on_exit:
+            self._on_exit(self)
+        self._ready.clear()
+        return ran_for
+
+    async def _become_ready(self) -> None:
+        check = self.spec.ready_check
+        if check is None:
+            await asyncio.sleep(min(1.0, self.spec.restart.stable_after))
+        else:
+            while not await _safe(check):
+                await asyncio.sleep(0.1)
+        if self._proc is not None and self._proc.returncode is None and not self._stopping:
+            self.state = State.RUNNING
+            self._ready.set()
+            self._settled.set()
+
+    async def _pump_output(self, stream: asyncio.StreamReader | None) -> None:
+        if stream is None:
+            return
+        pending = b""
+        while True:
+            chunk = await stream.read(65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self.log.write(line)
+            if len(pending) > 65536:  # no newline in sight: flush what we have
+                self.log.write(pending)
+                pending = b""
+        if pending:
+            self.log.write(pending)
+
+    async def _terminate(self, timeout: float) -> None:
+        proc = self._proc
+        assert proc is not None
+        tree = self._tree()
+        _signal_group(proc.pid, self.spec.stop_signal)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.log.write(f"[meshvisor] still running after {timeout:g}s: SIGKILL".encode())
+            _signal_tree(proc.pid, tree, signal.SIGKILL)
+            await proc.wait()
+        # Children that left the group or ignored the signal do not survive the stop.
+        _, alive = psutil.wait_procs(tree, timeout=0.5 if tree else 0)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+
+    def _tree(self) -> list[psutil.Process]:
+        if self._ps is None:
+            return []
+        try:
+            return self._ps.children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def _exit_text(self) -> str:
+        code = self.last_exit
+        if code is None:
+            return "did not start"
+        if code < 0:
+            try:
+                return f"signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"signal {-code}"
+        return f"code {code}"
+
+    # -- observation ---------------------------------------------------------------
+
+    def sample(self) -> None:
+        """Refresh CPU % and memory of the process and its descendants (psutil)."""
+        if self._ps is None or self.pid is None or self.state in (State.STOPPED, State.FATAL):
+            self.cpu_percent, self.memory = 0.0, 0
+            return
+        members = [self._ps]
+        seen = {}
+        for child in self._tree():
+            known = self._children.get(child.pid)
+            if known is None:
+                known = child
+                try:
+                    known.cpu_percent(None)
+                except psutil.Error:
+                    continue
+            seen[child.pid] = known
+            members.append(known)
+        self._children = seen
+        cpu, memory = 0.0, 0
+        for member in members:
+            try:
+                with member.oneshot():
+                    cpu += member.cpu_percent(None)
+                    memory += member.memory_info().rss
+            except psutil.Error:
+                continue
+        self.cpu_percent, self.memory = cpu, memory
+
+    def status(self) -> dict:
+        alive = self.state not in (State.STOPPED, State.FATAL, State.BACKOFF)
+        return {
+            "process": self.name,
+            "pid": self.pid if alive else None,
+            "state": self.state.value,
+            "uptime": (time.time() - self.started_at) if alive and self.started_at else None,
+            "restarts": self.restarts,
+            "cpu_percent": round(self.cpu_percent, 1),
+            "memory": self.memory,
+            "port": self.spec.port,
+            "reason": self.reason,
+        }
+
+
+async def _safe(check: Callable[[], Awaitable[bool]]) -> bool:
+    try:
+        return bool(await check())
+    except Exception:
+        return False
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_tree(pid: int, tree: list[psutil.Process], sig: int) -> None:
+    _signal_group(pid, sig)
+    for child in tree:
+        try:
+            child.send_signal(sig)
+        except psutil.Error:
+            pass

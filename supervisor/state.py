@@ -1,0 +1,170 @@
+"""The state directory: one-supervisor lock, record of live pids, remembered scale.
+
+Layout under <state_dir>:
+  run/supervisor.lock   flock held by the live supervisor (released by the kernel on death)
+  run/control.sock      control API (owner only)
+  run/pids.json         every process the supervisor started, to clean up after a SIGKILL
+  scale.json            instance counts set with `supervisor scale`
+  logs/                 one file per process, rotated by size
+  consul/, postgres/    embedded infrastructure data
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+
+
+class AlreadyRunning(Exception):
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+def prepare(state_dir: Path) -> None:
+    for sub in ("", "run", "logs"):
+        path = state_dir / sub
+        path.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir / "run", 0o700)
+
+
+class Lock:
+    """Exclusive flock on run/supervisor.lock; the file also holds the holder's pid."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "run" / "supervisor.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(holder_pid(self.path.parent.parent)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def holder_pid(state_dir: Path) -> int | None:
+    """Pid of the live supervisor of this state directory, or None."""
+    path = state_dir / "run" / "supervisor.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode() or "0"
+            return int(text) if text.strip().isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class PidRecord:
+    """run/pids.json: {pid: {name, create_time}} of every live child, rewritten on change."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "run" / "pids.json"
+        self._pids: dict[int, dict] = {}
+
+    def add(self, pid: int, name: str) -> None:
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return
+        self._pids[pid] = {"name": name, "create_time": created}
+        self._flush()
+
+    def remove(self, pid: int) -> None:
+        if self._pids.pop(pid, None) is not None:
+            self._flush()
+
+    def _flush(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({str(k): v for k, v in self._pids.items()}))
+        os.replace(tmp, self.path)
+
+
+def clean_leftovers(state_dir: Path, say, grace: float = 5.0) -> int:
+    """Stop what a supervisor that died without cleaning up left running. Returns the count."""
+    path = state_dir / "run" / "pids.json"
+    try:
+        recorded = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+    leftovers: list[psutil.Process] = []
+    for pid_text, info in recorded.items():
+        try:
+            proc = psutil.Process(int(pid_text))
+            # Same pid and same start time: the very process we started, not a reuse.
+            if abs(proc.create_time() - info["create_time"]) < 0.01:
+                leftovers.append(proc)
+                leftovers.extend(proc.children(recursive=True))
+        except (psutil.Error, KeyError, ValueError):
+            continue
+    for proc in leftovers:
+        say(f"stopping leftover {proc.pid} of a previous supervisor")
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(leftovers, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=2)
+    path.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+class ScaleMemory:
+    """Counts set with `supervisor scale`, remembered across restarts.
+
+    Each entry also records the count the config file had at the time: once somebody
+    edits the file, the file wins again.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "scale.json"
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def count(self, service: str, configured: int) -> int:
+        entry = self._read().get(service)
+        if entry and entry.get("configured") == configured:
+            return int(entry["count"])
+        return configured
+
+    def remember(self, service: str, count: int, configured: int) -> None:
+        data = self._read()
+        data[service] = {"count": count, "configured": configured, "at": time.time()}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self.path)

@@ -113,7 +113,7 @@ class FileSettings(_Strict):
     restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
     consul: ConsulSettings = msgspec.field(default_factory=ConsulSettings)
     postgres: PostgresSettings = msgspec.field(default_factory=PostgresSettings)
-    services: dict[str, ServiceSettings] = {}
+    services: dict[str, ServiceSettings] = msgspec.field(default_factory=dict)
 
 
 class Service(msgspec.Struct, kw_only=True):
@@ -173,10 +173,7 @@ def load(config_path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{shown}: file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{shown}: not valid TOML: {exc}") from None
-    try:
-        settings = msgspec.convert(raw, FileSettings)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{shown}: {_explain(exc)}") from None
+    settings = _convert_file(raw, shown)
 
     procfile_path = root / PROCFILE
     try:
@@ -342,15 +339,33 @@ def _port_of(address: str) -> int | None:
     return int(port)
 
 
-def _explain(exc: msgspec.ValidationError) -> str:
-    """Turn msgspec's 'Expected `int`, got `str` - at `$.services.auth.instances`'
-    into 'services.auth.instances: expected `int`, got `str`'."""
+def _convert_file(raw: dict, shown: str) -> FileSettings:
+    """Decode section by section so that errors inside a table keyed by service name
+    still name the service (msgspec alone would say `services[...]`)."""
+    services = raw.pop("services", {})
+    try:
+        settings = msgspec.convert(raw, FileSettings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{shown}: {_explain(exc, '')}") from None
+    if not isinstance(services, dict):
+        raise ConfigError(f"{shown}: services: expected a table of [services.NAME] tables")
+    for name, table in services.items():
+        try:
+            settings.services[name] = msgspec.convert(table, ServiceSettings)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{shown}: {_explain(exc, f'services.{name}')}") from None
+    return settings
+
+
+def _explain(exc: msgspec.ValidationError, prefix: str) -> str:
+    """Turn msgspec's 'Expected `int`, got `str` - at `$.instances`' (under prefix
+    'services.auth') into 'services.auth.instances: expected `int`, got `str`'."""
     text = str(exc)
     message, sep, where = text.rpartition(" - at `")
     if not sep:
-        return text
+        message, where = text, "$`"
     path = where.rstrip("`").removeprefix("$").lstrip(".")
-    path = re.sub(r"\[(\d+)\]", r"[\1]", path)
+    path = ".".join(p for p in (prefix, path) if p)
     unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
     if unknown:
         full = f"{path}.{unknown.group(1)}" if path else unknown.group(1)

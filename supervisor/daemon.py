@@ -25,6 +25,7 @@ from supervisor.logs import Printer, ProcessLog, RotatingFile, timestamp
 from supervisor.ports import PortAllocator, PortsExhausted
 from supervisor.process import Process, ProcessSpec, State
 from supervisor.service import ServiceGroup
+from supervisor.watchdog import Watchdog
 
 STATS_INTERVAL = 2.0
 
@@ -118,10 +119,12 @@ class Daemon:
             print(f"a supervisor is already running for {self.state_dir} (pid {exc.pid})", file=sys.stderr)
             return 1
         control = ControlServer(self, self.config.socket_path)
+        watchdog = None
         try:
             left = state.clean_leftovers(self.state_dir, self.say)
             if left:
                 self.say(f"cleaned up {left} leftover process(es) of a supervisor that died")
+            watchdog = Watchdog(self.state_dir)
             await control.start()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -130,6 +133,8 @@ class Daemon:
             code = await self._serve()
         finally:
             await self._shutdown()
+            if watchdog is not None:
+                watchdog.dismiss()
             await control.close()
             for file in self._files.values():
                 file.close()

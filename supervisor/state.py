@@ -103,32 +103,39 @@ class PidRecord:
 
 
 def clean_leftovers(state_dir: Path, say, grace: float = 5.0) -> int:
-    """Stop what a supervisor that died without cleaning up left running. Returns the count."""
+    """Stop what a supervisor that died without cleaning up left running. Returns the count.
+
+    Every recorded process led its own process group; the group outlives its leader as
+    long as something it forked runs, so members are found by group id, not by parent.
+    """
     path = state_dir / "run" / "pids.json"
     try:
         recorded = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return 0
-    leftovers: list[psutil.Process] = []
+    groups: dict[int, float] = {}
     for pid_text, info in recorded.items():
         try:
-            proc = psutil.Process(int(pid_text))
-            # Same pid and same start time: the very process we started, not a reuse.
-            if abs(proc.create_time() - info["create_time"]) < 0.01:
-                leftovers.append(proc)
-                leftovers.extend(proc.children(recursive=True))
-        except (psutil.Error, KeyError, ValueError):
+            groups[int(pid_text)] = float(info["create_time"])
+        except (KeyError, ValueError, TypeError):
             continue
-    for proc in leftovers:
-        say(f"stopping leftover {proc.pid} of a previous supervisor")
+    leftovers: list[psutil.Process] = []
+    for proc in psutil.process_iter(["create_time"]):
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            pgid = os.getpgid(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+        # Same group id and started no earlier than its leader: ours, not a pid reuse.
+        since = groups.get(pgid)
+        if since is not None and proc.info["create_time"] >= since - 0.01 and proc.pid != os.getpid():
+            leftovers.append(proc)
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
+    for proc in leftovers:
+        say(f"stopping leftover {proc.pid} of a previous supervisor")
     _, alive = psutil.wait_procs(leftovers, timeout=grace)
     for proc in alive:
         try:

@@ -20,16 +20,22 @@ from supervisor.process import ProcessSpec
 _POLICY = RestartPolicy(backoff_initial=1.0, backoff_max=30.0, max_retries=8, stable_after=30.0)
 
 
+# Where `make setup` puts the Consul it fetches: .tools/ of this checkout.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
 def find_binary(root: Path) -> str:
+    """$MESHVISOR_CONSUL, else consul on PATH, else the one `make setup` fetched."""
     override = os.environ.get("MESHVISOR_CONSUL")
     if override:
         return override
-    local = root / ".tools" / "consul" / "usr" / "bin" / "consul"
     found = shutil.which("consul")
     if found:
         return found
-    if local.exists():
-        return str(local)
+    for base in (root, _CHECKOUT):
+        local = base / ".tools" / "consul" / "usr" / "bin" / "consul"
+        if local.exists():
+            return str(local)
     raise InfraError("no consul binary: run `make setup` (fetches Consul into .tools/) or put consul on PATH")
 
 

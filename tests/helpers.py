@@ -1,0 +1,166 @@
+"""Test helpers: free ports, temporary projects, and a driver for the supervisor CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+
+from supervisor.control import ControlClient
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAMS = ROOT / "tests" / "programs"
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports(count: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def free_range(size: int) -> tuple[int, int]:
+    """A run of `size` consecutive ports that are free now."""
+    for _ in range(200):
+        start = free_port()
+        if start + size > 65000:
+            continue
+        if all(_port_free(p) for p in range(start, start + size)):
+            return start, start + size - 1
+    raise RuntimeError("no free port range")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Project:
+    """A throw-away project folder (Procfile + config/meshvisor.toml) with its own state dir.
+
+    Lives under /tmp with mode 0755 so that PostgreSQL, run as the `postgres` user when
+    the tests run as root, can reach its data directory.
+    """
+
+    def __init__(self, procfile: str, config: str) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="meshvisor-test-", dir="/tmp"))
+        os.chmod(self.root, 0o755)
+        (self.root / "config").mkdir()
+        (self.root / "Procfile").write_text(textwrap.dedent(procfile))
+        self.config_path = self.root / "config" / "meshvisor.toml"
+        self.config_path.write_text(textwrap.dedent(config))
+        self.state_dir = self.root / ".state"
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [PY, "-m", "supervisor", "--config", str(self.config_path), *args],
+            capture_output=True, text=True, timeout=timeout, cwd=self.root,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"supervisor {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def start(self, timeout: float = 120) -> subprocess.CompletedProcess:
+        return self.cli("start", "--detach", "--wait", str(timeout), timeout=timeout + 30, check=True)
+
+    def status(self) -> dict:
+        return asyncio.run(ControlClient(self.state_dir / "run" / "control.sock", timeout=10).call("GET", "/v1/status"))
+
+    def rows(self, service: str | None = None) -> list[dict]:
+        return [r for r in self.status()["processes"] if service is None or r["service"] == service]
+
+    def supervisor_pid(self) -> int | None:
+        try:
+            return int((self.state_dir / "run" / "supervisor.lock").read_text() or 0) or None
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def descendants(self) -> list[psutil.Process]:
+        pid = self.supervisor_pid()
+        try:
+            return psutil.Process(pid).children(recursive=True) if pid else []
+        except psutil.Error:
+            return []
+
+    def log(self, name: str) -> str:
+        try:
+            return (self.state_dir / "logs" / f"{name}.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        """Stop whatever is still running (a failed test must not leak processes)."""
+        pid = self.supervisor_pid()
+        procs = self.descendants()
+        if pid and psutil.pid_exists(pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+                psutil.Process(pid).wait(30)
+            except (psutil.Error, ProcessLookupError):
+                pass
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        # Leftovers recorded in pids.json (e.g. after a SIGKILL test).
+        try:
+            for text in json.loads((self.state_dir / "run" / "pids.json").read_text()):
+                try:
+                    os.killpg(int(text), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        except (FileNotFoundError, ValueError):
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def alive(pids) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.Error:
+            pass
+    return out

@@ -1,0 +1,121 @@
+"""Configuration: a mistake stops with one clear message naming the file and the key."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import ConfigError, load
+
+GOOD = """
+[supervisor]
+port_range = [21000, 21099]
+
+[services.web]
+instances = 2
+route = "/api/v1/web"
+database = "web"
+upstreams = ["worker"]
+env = { GREETING = "hi" }
+
+[services.web.restart]
+max_retries = 2
+
+[services.worker]
+ready = "process"
+"""
+
+
+def write(tmp_path: Path, config: str, procfile: str = "web: python web.py\nworker: python w.py\n") -> Path:
+    (tmp_path / "config").mkdir(exist_ok=True)
+    (tmp_path / "Procfile").write_text(procfile)
+    path = tmp_path / "config" / "meshvisor.toml"
+    path.write_text(textwrap.dedent(config))
+    return path
+
+
+def error_of(tmp_path: Path, config: str, **kw) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, config, **kw))
+    return str(info.value)
+
+
+def test_valid_config_resolves_defaults_and_overrides(tmp_path):
+    cfg = load(write(tmp_path, GOOD))
+    web = cfg.services["web"]
+    assert web.instances == 2 and web.command == "python web.py"
+    assert web.restart.max_retries == 2 and web.restart.backoff_initial == 0.5  # override + default
+    assert web.env == {"GREETING": "hi"} and web.upstreams == ["worker"]
+    assert cfg.state_dir == tmp_path / ".state"
+    assert cfg.services["worker"].ready == "process"
+
+
+def test_the_shipped_config_is_valid():
+    cfg = load(Path(__file__).resolve().parent.parent / "config" / "meshvisor.toml")
+    assert set(cfg.services) >= {"auth", "example"}
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ("[services.web]\ninstnces = 2\n[services.worker]\n", "services.web.instnces: unknown key"),
+        ("[services.web]\ninstances = 'two'\n[services.worker]\n", "services.web.instances: expected `int`, got `str`"),
+        ("[supervisr]\n[services.web]\n[services.worker]\n", "supervisr: unknown key"),
+        ("[consul]\nmode = 'cloud'\n[services.web]\n[services.worker]\n", "consul.mode"),
+        ("[consul]\naddress = 'nohost'\n[services.web]\n[services.worker]\n", "consul.address"),
+        ("[services.web]\nupstreams = ['nope']\n[services.worker]\n", "services.web.upstreams: 'nope'"),
+        ("[services.web]\nroute = 'api'\n[services.worker]\n", "services.web.route: 'api' must start with '/'"),
+        ("[services.web]\ndatabase = 'Bad-Name'\n[services.worker]\n", "services.web.database"),
+        ("[services.web]\nready = 'maybe'\n[services.worker]\n", "services.web.ready"),
+        ("[services.web]\ninstances = -1\n[services.worker]\n", "services.web.instances: must not be negative"),
+        ("[restart]\nmax_retries = 0\n[services.web]\n[services.worker]\n", "restart.max_retries"),
+        ("[services.web.restart]\nbackoff_max = 0.1\n[services.worker]\n", "services.web.restart.backoff_max"),
+        ("[services.web]\nenv = { 'BAD NAME' = 'x' }\n[services.worker]\n", "services.web.env.BAD NAME"),
+        ("[services.web]\n[services.worker]\ndatabase='web'\n[services.web2]\n", "services.web2"),
+    ],
+)
+def test_mistakes_name_the_file_and_the_key(tmp_path, config, expected):
+    message = error_of(tmp_path, config)
+    assert message.startswith("config/meshvisor.toml: ") or "meshvisor.toml" in message
+    assert expected in message
+
+
+def test_duplicate_ports_are_refused(tmp_path):
+    message = error_of(tmp_path, "[postgres]\nport = 8500\n[services.web]\n[services.worker]\n")
+    assert "postgres.port: port 8500 is already used by consul.address" in message
+    message = error_of(tmp_path, "[services.web]\nport = 3000\n[services.worker]\nport = 3000\n")
+    assert "services.worker.port: port 3000 is already used by services.web.port" in message
+    message = error_of(tmp_path, "[supervisor]\nport_range=[3000, 3100]\n[services.web]\nport = 3000\n[services.worker]\n")
+    assert "inside supervisor.port_range" in message
+
+
+def test_procfile_and_config_must_match(tmp_path):
+    message = error_of(tmp_path, "[services.web]\n", procfile="web: a\nworker: b\n")
+    assert "'worker' has no [services.worker] table" in message
+    message = error_of(tmp_path, "[services.web]\n[services.worker]\n[services.ghost]\n")
+    assert "services.ghost: no 'ghost:' line in" in message
+
+
+def test_procfile_syntax(tmp_path):
+    message = error_of(tmp_path, "[services.web]\n", procfile="# comment\n\nweb: a\nthis is not a line\n")
+    assert "Procfile:4: expected 'name: command'" in message
+    message = error_of(tmp_path, "[services.web]\n", procfile="web: a\nweb: b\n")
+    assert "Procfile:2: 'web' is defined twice" in message
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    assert "not valid TOML" in error_of(tmp_path, "[services.web\n")
+    with pytest.raises(ConfigError, match="file not found"):
+        load(tmp_path / "nowhere" / "meshvisor.toml")
+
+
+def test_cli_prints_one_line_and_no_traceback(tmp_path):
+    path = write(tmp_path, "[services.web]\ninstances = 'x'\n[services.worker]\n")
+    proc = subprocess.run([sys.executable, "-m", "supervisor", "--config", str(path), "status"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "services.web.instances: expected `int`, got `str`" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,113 @@
+"""The embedded Consul agent and PostgreSQL server, run by the supervisor on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import urllib.request
+
+import asyncpg
+import pytest
+
+from tests.helpers import PROGRAMS, PY, Project, alive, free_ports, free_range
+
+
+@pytest.fixture
+def stack():
+    http, server, serf_lan, pg = free_ports(4)
+    low, high = free_range(20)
+    p = Project(
+        f"""\
+        auth: {PY} {PROGRAMS / 'web.py'}
+        shop: {PY} {PROGRAMS / 'web.py'}
+        """,
+        f"""\
+        [supervisor]
+        port_range = [{low}, {high}]
+
+        [consul]
+        address = "127.0.0.1:{http}"
+        server_port = {server}
+        serf_lan_port = {serf_lan}
+        serf_wan_port = -1
+
+        [postgres]
+        port = {pg}
+
+        [services.auth]
+        database = "auth"
+
+        [services.shop]
+        database = "shop"
+        instances = 2
+        """,
+    )
+    p.http, p.server, p.pg = http, server, pg
+    yield p
+    p.cleanup()
+
+
+def consul_get(port: int, path: str):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def instance_env(pid: int) -> dict[str, str]:
+    raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_embedded_consul_and_postgres(stack):
+    p = stack
+    p.start(timeout=120)
+    rows = {r["process"]: r for r in p.rows()}
+    assert rows["consul"]["state"] == "RUNNING" and rows["postgres"]["state"] == "RUNNING"
+
+    # Consul: a single-node server with a leader, and its UI.
+    assert consul_get(p.http, "/v1/status/leader") == f"127.0.0.1:{p.server}"
+    with urllib.request.urlopen(f"http://127.0.0.1:{p.http}/ui/", timeout=5) as resp:
+        assert resp.status == 200 and b"Consul" in resp.read()
+    assert (p.state_dir / "consul").is_dir()
+
+    # PostgreSQL: each instance got a DATABASE_URL for its own database and role.
+    env_auth = instance_env(rows["auth.1"]["pid"])
+    env_shop = instance_env(rows["shop.2"]["pid"])
+    assert env_auth["DATABASE_URL"].startswith(f"postgresql://auth:")
+    assert f"@127.0.0.1:{p.pg}/auth?application_name=auth.1" in env_auth["DATABASE_URL"]
+    assert "application_name=shop.2" in env_shop["DATABASE_URL"]
+    assert env_auth["CONSUL_HTTP_ADDR"] == f"127.0.0.1:{p.http}"
+    creds = p.state_dir / "postgres" / "credentials.json"
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+
+    async def check():
+        conn = await asyncpg.connect(env_auth["DATABASE_URL"])
+        assert await conn.fetchval("SELECT current_user") == "auth"
+        await conn.execute("CREATE TABLE kept (v text)")
+        await conn.execute("INSERT INTO kept VALUES ('survives a restart')")
+        await conn.close()
+        # The shop role may not connect to auth's database, nor log in with a wrong password.
+        shop_on_auth = env_shop["DATABASE_URL"].replace("/shop?", "/auth?")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await asyncpg.connect(shop_on_auth)
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(f"postgresql://auth:wrong@127.0.0.1:{p.pg}/auth")
+
+    asyncio.run(check())
+    infra_pids = [rows["consul"]["pid"], rows["postgres"]["pid"]]
+    p.cli("stop", check=True)
+    assert not alive(infra_pids)
+
+    # State survives stop/start: same data, same passwords, no second initdb.
+    p.start(timeout=120)
+    env_again = instance_env({r["process"]: r for r in p.rows()}["auth.1"]["pid"])
+    assert env_again["DATABASE_URL"] == env_auth["DATABASE_URL"]
+
+    async def still_there():
+        conn = await asyncpg.connect(env_again["DATABASE_URL"])
+        assert await conn.fetchval("SELECT v FROM kept") == "survives a restart"
+        await conn.close()
+
+    asyncio.run(still_there())
+    assert p.log("postgres").count("initdb ") == 1

@@ -246,3 +246,28 @@ def test_logs_command_shows_and_follows_instance_output(make_project):
     both = p.cli("logs", "web", check=True).stdout
     assert "web.1" in both and "web.2" in both
     assert p.cli("logs", "nothing").returncode != 0
+
+
+def test_foreground_start_prints_prefixed_logs_and_ctrl_c_stops_cleanly(make_project):
+    import subprocess
+
+    p = make_project({"web": ("--spawn-child", "instances = 2")})
+    proc = subprocess.Popen(
+        [PY, "-m", "supervisor", "--config", str(p.config_path), "start"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=p.root,
+    )
+    try:
+        wait_for(lambda: (p.state_dir / "run" / "control.sock").exists() and p.status()["supervisor"]["phase"] == "running",
+                 30, interval=0.2, what="foreground supervisor running")
+        stack = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert not alive(stack)
+    lines = out.splitlines()
+    assert any(" web.1 " in l and "| web.1: listening on" in l for l in lines)
+    assert any("| stopping: received SIGINT" in l for l in lines)
+    assert "\033[" not in out, "no colour codes when the output is not a terminal"

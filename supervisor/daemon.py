@@ -305,6 +305,3 @@ class Daemon:
         except PortsExhausted as exc:
             return [str(exc)]
 
-
-def is_alive(state_value: str) -> bool:
-    return state_value in (State.RUNNING.value, State.STARTING.value)

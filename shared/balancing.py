@@ -1,0 +1,100 @@
+"""Pick a healthy instance: power of two choices on least outstanding requests, with
+temporary ejection of instances that keep failing.
+
+The live set comes from discovery (Consul); state per instance (in-flight count,
+consecutive failures, idle connections) survives updates of that set for instances that
+stay in it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+
+
+class Backend:
+    """One instance as the balancer sees it."""
+
+    __slots__ = ("key", "host", "port", "meta", "inflight", "failures", "ejected_until", "idle", "removed")
+
+    def __init__(self, key: str, host: str, port: int, meta: dict[str, str] | None = None) -> None:
+        self.key = key
+        self.host = host
+        self.port = port
+        self.meta = meta or {}
+        self.inflight = 0
+        self.failures = 0  # consecutive
+        self.ejected_until = 0.0
+        self.idle: list = []  # keep-alive connections ready for reuse (relay.UpstreamSide)
+        self.removed = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"Backend({self.key} {self.address} inflight={self.inflight} failures={self.failures})"
+
+
+class Balancer:
+    def __init__(self, name: str, *, eject_after: int = 3, eject_for: float = 10.0) -> None:
+        self.name = name
+        self.eject_after = eject_after
+        self.eject_for = eject_for
+        self.backends: list[Backend] = []
+        self._by_key: dict[str, Backend] = {}
+        self.known = False  # at least one answer from discovery arrived
+
+    def update(self, members: Iterable[tuple[str, str, int, dict[str, str]]]) -> None:
+        """Replace the set with (key, host, port, meta) tuples; keep state of those that stay."""
+        fresh: dict[str, Backend] = {}
+        for key, host, port, meta in members:
+            old = self._by_key.get(key)
+            if old is not None and old.host == host and old.port == port:
+                old.meta = meta
+                fresh[key] = old
+            else:
+                fresh[key] = Backend(key, host, port, meta)
+        for key, old in self._by_key.items():
+            if fresh.get(key) is not old:
+                old.removed = True
+                for conn in old.idle:
+                    conn.close()
+                old.idle.clear()
+        self._by_key = fresh
+        self.backends = list(fresh.values())
+        self.known = True
+
+    def pick(self, exclude: tuple[Backend, ...] = ()) -> Backend | None:
+        """Two random candidates, the one with fewer requests in flight wins.
+
+        Ejected instances are skipped unless every candidate is ejected: then serving
+        from a suspect instance beats refusing everything (Envoy's panic threshold idea).
+        """
+        backends = self.backends
+        if len(backends) == 1 and not exclude:
+            return backends[0]
+        now = time.monotonic()
+        candidates = [b for b in backends if b not in exclude and b.ejected_until <= now]
+        if not candidates:
+            candidates = [b for b in backends if b not in exclude]
+            if not candidates:
+                return None
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = random.sample(candidates, 2)
+        return a if a.inflight <= b.inflight else b
+
+    def succeeded(self, backend: Backend) -> None:
+        backend.failures = 0
+
+    def failed(self, backend: Backend) -> None:
+        backend.failures += 1
+        if backend.failures >= self.eject_after:
+            backend.ejected_until = time.monotonic() + self.eject_for
+            backend.failures = 0
+
+    def ejected(self) -> int:
+        now = time.monotonic()
+        return sum(1 for b in self.backends if b.ejected_until > now)

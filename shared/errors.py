@@ -1,0 +1,61 @@
+"""The one error shape every part of meshvisor answers with:
+
+    {"status": 502, "error": "bad_gateway", "message": "...", "request_id": "..."}
+
+(`details` is added for validation errors.) This module builds it as raw HTTP bytes
+for the relay; the aiohttp middleware for the services builds on `error_body`.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import msgspec
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    status: int
+    error: str
+    message: str
+    request_id: str = ""
+    details: list[dict] | None = None
+
+
+_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    422: "validation_error",
+    429: "too_many_requests",
+    431: "headers_too_large",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "service_unavailable",
+    504: "gateway_timeout",
+}
+
+
+def code_for(status: int) -> str:
+    return _CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_"))
+
+
+def error_body(status: int, message: str, request_id: str = "", error: str | None = None,
+               details: list[dict] | None = None) -> bytes:
+    return msgspec.json.encode(ErrorBody(status, error or code_for(status), message, request_id, details))
+
+
+def error_response(status: int, message: str, request_id: str = "", *, close: bool = False,
+                   error: str | None = None) -> bytes:
+    """A complete HTTP/1.1 response carrying the error shape."""
+    body = error_body(status, message, request_id, error)
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        f"Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        + (f"X-Request-Id: {request_id}\r\n" if request_id else "")
+        + ("Connection: close\r\n" if close else "")
+        + "\r\n"
+    )
+    return head.encode("latin-1") + body

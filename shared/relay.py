@@ -1,0 +1,816 @@
+"""The fast HTTP/1.1 forwarding path, shared by the sidecar and the gateway.
+
+Design, for CPU per request rather than convenience:
+- bytes are relayed at the transport level (asyncio Protocols, no per-request task);
+- a request head is found with bytes.find, validated by httptools (llhttp, C), and
+  forwarded with the few header lines we add spliced in, never rebuilt;
+- bodies are streamed as they arrive, framed by Content-Length counting or by the
+  parser for chunked bodies, with flow control in both directions (no full buffering);
+- responses are relayed as received; only the status line and framing are looked at;
+- connections to instances are kept alive and pooled per instance.
+
+Around that: picking an instance (shared.balancing), retries on another instance when
+a connection fails (any method: nothing was sent) or, for idempotent methods, when the
+instance answers 502/503 or drops the connection before answering; connect and request
+timeouts; errors in the shared JSON shape; X-Request-Id and traceparent propagation;
+WebSocket (Upgrade) tunnelling; draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httptools
+
+from shared.balancing import Backend, Balancer
+from shared.errors import error_response
+from shared.telemetry import AccessLog, RelayMetrics
+
+MAX_HEAD = 64 * 1024  # larger request heads get 431
+REPLAY_LIMIT = 64 * 1024  # requests up to this size can be replayed on another instance
+PENDING_LIMIT = 256 * 1024  # body bytes held while connecting before we stop reading
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+_HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+               b"proxy-authorization", b"proxy-authenticate")
+
+_NONE, _LENGTH, _CHUNKED, _EOF = 0, 1, 2, 3
+
+
+@dataclass
+class Route:
+    """Where a request goes: a balancer over the instances of one service."""
+
+    name: str
+    balancer: Balancer
+    connect_timeout: float = 2.0
+    request_timeout: float = 30.0
+    retries: int = 2
+
+
+@dataclass
+class RelaySettings:
+    listener: str  # name in logs and metrics: "inbound", "upstream", "gateway"
+    request_id: bool = True  # add X-Request-Id when absent
+    traceparent: bool = True  # start a W3C trace when the request carries none
+    forwarded: bool = False  # add X-Forwarded-For/Proto/Host, drop hop-by-hop headers
+    echo_request_id: bool = False  # return X-Request-Id on responses that lack it
+    max_body: int | None = None  # 413 above this many bytes
+    idle_timeout: float = 75.0  # close client keep-alive connections idle this long
+    max_idle_per_backend: int = 64
+
+
+class Relay:
+    """One listening relay: its settings, how to route, what to record, open connections."""
+
+    def __init__(self, settings: RelaySettings, router: Callable[[bytes, bytes], Route | None],
+                 metrics: RelayMetrics, access_log: AccessLog | None = None) -> None:
+        self.settings = settings
+        self.router = router
+        self.metrics = metrics
+        self.access_log = access_log
+        self.connections: set[ClientSide] = set()
+        self.draining = False
+        self.loop = asyncio.get_running_loop()
+        self._idle_check = self.loop.call_later(settings.idle_timeout / 2, self._close_idle_clients)
+
+    def protocol(self) -> ClientSide:
+        return ClientSide(self)
+
+    @property
+    def inflight(self) -> int:
+        return sum(1 for c in self.connections if c.busy)
+
+    def start_draining(self) -> None:
+        """Serve what arrives, but close each client connection after its current response."""
+        self.draining = True
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        deadline = self.loop.time() + timeout
+        while self.inflight and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.inflight == 0
+
+    def close(self) -> None:
+        self._idle_check.cancel()
+        for conn in list(self.connections):
+            conn.close()
+
+    def _close_idle_clients(self) -> None:
+        now = self.loop.time()
+        limit = self.settings.idle_timeout
+        for conn in list(self.connections):
+            if not conn.busy and now - conn.last_active > limit:
+                conn.close()
+        self._idle_check = self.loop.call_later(limit / 2, self._close_idle_clients)
+
+
+def _header(lower: bytes, head: bytes, name: bytes) -> bytes | None:
+    """Value of header `name` (lower-case) in a raw head, or None."""
+    i = lower.find(b"\r\n" + name + b":")
+    if i < 0:
+        return None
+    start = i + 3 + len(name)
+    return head[start:head.find(b"\r\n", start)].strip()
+
+
+def _new_id() -> str:
+    return f"{random.getrandbits(128):032x}"
+
+
+class ClientSide(asyncio.Protocol):
+    """A connection from a client; relays one request at a time to an instance."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.busy = False
+        self.closed = False
+        self.last_active = relay.loop.time()
+        self.tunnel: UpstreamSide | None = None
+        self.peer = ""
+        self.reading_paused = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.request_id = ""
+        self.keep_alive = True
+        self.head_out = b""
+        self.body_mode = _NONE
+        self.remaining = 0
+        self.parser = None
+        self.req_done = False
+        self.replay: list[bytes] | None = None
+        self.replay_size = 0
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.route: Route | None = None
+        self.backend: Backend | None = None
+        self.tried: tuple[Backend, ...] = ()
+        self.attempts = 0
+        self.started = 0.0
+        self.status = 0
+        self.upstream: UpstreamSide | None = None
+        self.response_started = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.is_head = False
+        self.upgrade = False
+        self.body_seen = 0
+        self.sent_any = False
+        self.connecting: asyncio.Task | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.relay.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.transport.write(data)
+            return
+        self.last_active = self.relay.loop.time()
+        if self.busy:
+            if self.req_done:  # the next pipelined request: keep it until this one is done
+                self.buf += data
+                if len(self.buf) > MAX_HEAD:
+                    self._pause_reading()
+                return
+            self._request_body(data)
+            return
+        self.buf = self.buf + data if self.buf else data
+        self._next_request()
+
+    def eof_received(self) -> bool:
+        # A client half-closing after its request still wants the response.
+        return self.busy and self.req_done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.relay.connections.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+            return
+        if self.busy:
+            if self.connecting is not None:
+                self.connecting.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
+            up = self.upstream
+            if up is not None:
+                up.client = None
+                up.close()
+            if self.backend is not None:
+                self.backend.inflight -= 1
+            self._record(499)  # nginx's "client closed the request"
+            self.busy = False
+
+    def pause_writing(self) -> None:
+        up = self.upstream if self.tunnel is None else self.tunnel
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.upstream if self.tunnel is None else self.tunnel
+        if up is not None and up.transport is not None:
+            up.transport.resume_reading()
+
+    # httptools callback (chunked request bodies only)
+    def on_message_complete(self) -> None:
+        self.req_done = True
+
+    # -- requests ------------------------------------------------------------------
+
+    def _next_request(self) -> None:
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD:
+                self._reply(431, "request head too large", close=True)
+            return
+        head = buf[:end + 4]
+        rest = buf[end + 4:]
+        self.buf = b""
+        if head.startswith(b"\r\n"):  # tolerated stray CRLF between requests
+            head = head.lstrip(b"\r\n")
+            if not head:
+                self.buf = rest
+                if rest:
+                    self._next_request()
+                return
+        self.busy = True
+        self.started = time.perf_counter()
+        parser = httptools.HttpRequestParser(self)
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            self.upgrade = True
+        except httptools.HttpParserError:
+            self._reply(400, "malformed HTTP request", close=True)
+            return
+        line_end = head.find(b"\r\n")
+        parts = head[:line_end].split(b" ")
+        if len(parts) != 3:
+            self._reply(400, "malformed request line", close=True)
+            return
+        self.method, self.target = parts[0], parts[1]
+        self.is_head = self.method == b"HEAD"
+        self.keep_alive = parser.should_keep_alive()
+        lower = head.lower()
+        settings = self.relay.settings
+
+        # Framing of the request body.
+        te = _header(lower, lower, b"transfer-encoding")
+        if te is not None and b"chunked" in te:
+            self.body_mode = _CHUNKED
+            self.parser = parser
+            self.req_done = False
+        else:
+            length = _header(lower, head, b"content-length")
+            if length:
+                try:
+                    self.remaining = int(length)
+                except ValueError:
+                    self._reply(400, "invalid Content-Length", close=True)
+                    return
+                if settings.max_body is not None and self.remaining > settings.max_body:
+                    self._reply(413, f"request body over the limit of {settings.max_body} bytes", close=True)
+                    return
+                self.body_mode = _LENGTH if self.remaining else _NONE
+            self.req_done = self.body_mode == _NONE
+
+        # Headers we add: request id, trace context, forwarding.
+        extra = b""
+        rid = _header(lower, head, b"x-request-id")
+        if rid is not None and _REQUEST_ID.match(rid):
+            self.request_id = rid.decode()
+        else:
+            self.request_id = _new_id()
+            if rid is not None:  # unusable value (too long, odd bytes): replace it
+                head = _drop_headers(head, (b"x-request-id",))
+                lower = head.lower()
+            if settings.request_id:
+                extra += b"X-Request-Id: " + self.request_id.encode() + b"\r\n"
+        if settings.traceparent and b"\r\ntraceparent:" not in lower:
+            extra += b"traceparent: 00-%s-%016x-01\r\n" % (self.request_id.encode() if len(self.request_id) == 32
+                                                             else _new_id().encode(), random.getrandbits(64))
+        if settings.forwarded:
+            head, extra = _forwarding(head, lower, extra, self.peer, self.upgrade)
+        if extra:
+            line_end = head.find(b"\r\n") + 2
+            head = head[:line_end] + extra + head[line_end:]
+        self.head_out = head
+
+        route = self.relay.router(self.method, self.target)
+        if route is None:
+            self._reply(404, f"no route for {self.target.partition(b'?')[0].decode('latin-1')}",
+                        close=not self.req_done)
+            return
+        self.route = route
+        self.replay = [head]
+        self.replay_size = len(head)
+        if rest:
+            self._request_body(rest)
+            if self.closed or not self.busy:
+                return
+        self._dispatch()
+
+    def _request_body(self, data: bytes) -> None:
+        mode = self.body_mode
+        extra = b""
+        if mode == _LENGTH:
+            if len(data) >= self.remaining:
+                data, extra = data[:self.remaining], data[self.remaining:]
+                self.remaining = 0
+                self.req_done = True
+            else:
+                self.remaining -= len(data)
+        elif mode == _CHUNKED:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self._abort_request(400, "malformed chunked body")
+                return
+            limit = self.relay.settings.max_body
+            self.body_seen += len(data)
+            if limit is not None and self.body_seen > limit + 64:
+                self._abort_request(413, f"request body over the limit of {limit} bytes")
+                return
+        else:  # bytes after a request that has no body: the next request
+            self.buf += data
+            return
+        if data:
+            if self.replay is not None:
+                if self.replay_size + len(data) <= REPLAY_LIMIT:
+                    self.replay.append(data)
+                    self.replay_size += len(data)
+                else:
+                    self.replay = None  # too big to keep: this request will not be retried
+            up = self.upstream
+            if up is not None:
+                up.transport.write(data)
+            else:
+                self.pending.append(data)
+                self.pending_size += len(data)
+                if self.pending_size > PENDING_LIMIT:
+                    self._pause_reading()
+        if extra:
+            self.buf += extra
+
+    def _abort_request(self, status: int, message: str) -> None:
+        if self.upstream is not None:
+            self.upstream.client = None
+            self.upstream.close()
+            self.upstream = None
+        if self.response_started:
+            self.close()
+            return
+        if self.backend is not None:
+            self.backend.inflight -= 1
+            self.backend = None
+        self._reply(status, message, close=True)
+
+    # -- choosing and reaching an instance -------------------------------------------
+
+    def _dispatch(self) -> None:
+        route = self.route
+        backend = route.balancer.pick(self.tried)
+        if backend is None:
+            if not route.balancer.backends:
+                self._reply(503, f"no healthy instance of {route.name}", close=not self.req_done)
+            else:
+                self._reply(502, f"no instance of {route.name} could be reached", close=not self.req_done)
+            return
+        self.backend = backend
+        backend.inflight += 1
+        idle = backend.idle
+        while idle:
+            up = idle.pop()
+            if up.usable:
+                self._attach(up, reused=True)
+                return
+        self.connecting = self.relay.loop.create_task(self._connect(backend))
+
+    async def _connect(self, backend: Backend) -> None:
+        route = self.route
+        loop = self.relay.loop
+        try:
+            _, up = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamSide(self.relay, backend), backend.host, backend.port),
+                route.connect_timeout,
+            )
+        except asyncio.CancelledError:
+            raise
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.connecting = None
+            kind = "connect_timeout" if isinstance(exc, asyncio.TimeoutError) else "connect_refused"
+            self._attempt_failed(kind, retry_any_method=True)
+            return
+        self.connecting = None
+        if self.closed or not self.busy:
+            up.release()
+            return
+        self._attach(up, reused=False)
+
+    def _attach(self, up: UpstreamSide, reused: bool) -> None:
+        self.upstream = up
+        up.client = self
+        up.reused = reused
+        up.begin(self.is_head)
+        if self.sent_any:  # a retry after bytes went out: send everything again
+            up.transport.write(b"".join(self.replay))
+        else:
+            up.transport.write(self.head_out + b"".join(self.pending) if self.pending else self.head_out)
+            self.sent_any = True
+        self.pending = []
+        self.pending_size = 0
+        if self.reading_paused and not self.req_done:
+            self._resume_reading()
+        self.timer = self.relay.loop.call_later(self.route.request_timeout, self._timed_out)
+
+    def _attempt_failed(self, kind: str, retry_any_method: bool) -> None:
+        """An attempt produced no response: try another instance if allowed, else answer."""
+        route = self.route
+        backend = self.backend
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if backend is not None:
+            backend.inflight -= 1
+            route.balancer.failed(backend)
+            self.tried += (backend,)
+            self.backend = None
+        self.upstream = None
+        self.relay.metrics.upstream_error(route.name, kind)
+        if self.closed:
+            return
+        # Replayable: nothing went out yet, or everything that did is still in hand.
+        can_replay = not self.sent_any or self.replay is not None
+        if (self.attempts < route.retries and can_replay
+                and (retry_any_method or self.method in IDEMPOTENT)):
+            self.attempts += 1
+            self.relay.metrics.retry(route.name)
+            self._dispatch()
+            return
+        if kind == "connect_timeout":
+            self._reply(504, f"{route.name} did not accept a connection in time", close=not self.req_done)
+        elif kind == "timeout":
+            self._reply(504, f"{route.name} did not answer within {route.request_timeout:g}s", close=True)
+        else:
+            self._reply(502, f"{route.name} could not be reached ({kind})", close=not self.req_done)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        up = self.upstream
+        if up is not None:
+            up.client = None
+            up.close()
+        if self.response_started:
+            self.close()
+            return
+        self.relay.metrics.upstream_error(self.route.name, "timeout")
+        if self.backend is not None:
+            self.backend.inflight -= 1
+            self.route.balancer.failed(self.backend)
+            self.backend = None
+        self.upstream = None
+        self._reply(504, f"{self.route.name} did not answer within {self.route.request_timeout:g}s", close=True)
+
+    # -- responses (called by UpstreamSide) ------------------------------------------
+
+    def can_retry_status(self) -> bool:
+        return (self.method in IDEMPOTENT and self.replay is not None and self.req_done
+                and self.attempts < self.route.retries and len(self.route.balancer.backends) > len(self.tried) + 1)
+
+    def response_complete(self, up_reusable: bool) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        up = self.upstream
+        backend = self.backend
+        route = self.route
+        backend.inflight -= 1
+        if self.status in (502, 503, 504):
+            route.balancer.failed(backend)
+        else:
+            route.balancer.succeeded(backend)
+        self._record(self.status)
+        if up is not None:
+            up.client = None
+            if up_reusable and self.req_done:
+                up.release()
+            else:
+                up.close()
+        keep = self.keep_alive and self.req_done and not self.relay.draining
+        self._finish_exchange(keep)
+
+    def _finish_exchange(self, keep: bool) -> None:
+        self.busy = False
+        self._reset()
+        if not keep:
+            self.close()
+            return
+        if self.reading_paused:
+            self._resume_reading()
+        if self.buf:
+            self._next_request()
+
+    def _record(self, status: int) -> None:
+        route_name = self.route.name if self.route is not None else "-"
+        seconds = time.perf_counter() - self.started
+        self.relay.metrics.observe(route_name, status, seconds)
+        log = self.relay.access_log
+        if log is not None:
+            backend = self.backend
+            log.record(self.relay.settings.listener, self.method.decode("latin-1"),
+                       self.target.decode("latin-1"), status, seconds,
+                       backend.address if backend is not None else "", self.request_id, self.attempts)
+
+    def _reply(self, status: int, message: str, close: bool) -> None:
+        """Answer with the shared error shape ourselves."""
+        if self.closed:
+            return
+        self.status = status
+        self._record(status)
+        self.transport.write(error_response(status, message, self.request_id or _new_id(), close=close))
+        self._finish_exchange(keep=not close and self.keep_alive and not self.relay.draining)
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+
+class UpstreamSide(asyncio.Protocol):
+    """A keep-alive connection to one instance, relaying one response at a time."""
+
+    def __init__(self, relay: Relay, backend: Backend) -> None:
+        self.relay = relay
+        self.backend = backend
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientSide | None = None
+        self.reused = False
+        self.closed = False
+        self.buf = b""
+        self.head_done = False
+        self.mode = _NONE
+        self.remaining = 0
+        self.parser = None
+        self.done = False
+        self.keep_alive = True
+        self.is_head = False
+        self.tunnelled = False
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and not self.transport.is_closing()
+
+    def begin(self, is_head: bool) -> None:
+        self.buf = b""
+        self.head_done = False
+        self.done = False
+        self.is_head = is_head
+
+    def release(self) -> None:
+        """Back into the instance's pool of idle connections (or closed if not wanted)."""
+        backend = self.backend
+        if (self.closed or backend.removed or self.relay.draining
+                or len(backend.idle) >= self.relay.settings.max_idle_per_backend):
+            self.close()
+        else:
+            backend.idle.append(self)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client._pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None and not self.client.req_done:
+            self.client._resume_reading()
+
+    def on_message_complete(self) -> None:  # httptools, chunked responses
+        self.done = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        client = self.client
+        if client is None:
+            try:
+                self.backend.idle.remove(self)
+            except ValueError:
+                pass
+            return
+        self.client = None
+        if self.tunnelled:
+            client.tunnel = None
+            client.close()
+        elif not self.head_done:
+            # Nothing came back. Connection failures are safe to retry for idempotent
+            # methods (the instance may have processed the request before dying).
+            client._attempt_failed("reset" if self.reused else "closed", retry_any_method=False)
+        elif self.mode == _EOF:
+            client.response_complete(False)  # the body ended with the connection
+        else:
+            client.close()  # cut in the middle of a response: the client must see it
+
+    def eof_received(self) -> bool:
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            self.close()  # bytes on an idle connection: not a state we can trust
+            return
+        if self.tunnelled:
+            client.transport.write(data)
+            return
+        if not self.head_done:
+            buf = self.buf + data if self.buf else data
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD:
+                        self._bad_response(client, "response head too large")
+                    else:
+                        self.buf = buf
+                    return
+                if not buf.startswith(b"HTTP/1."):
+                    self._bad_response(client, "not an HTTP/1.x response")
+                    return
+                try:
+                    status = int(buf[9:12])
+                except ValueError:
+                    self._bad_response(client, "malformed status line")
+                    return
+                if 100 <= status < 200 and status != 101:  # interim (100 Continue): pass it on
+                    client.transport.write(buf[:end + 4])
+                    buf = buf[end + 4:]
+                    if not buf:
+                        self.buf = b""
+                        return
+                    continue
+                break
+            self.buf = b""
+            head, rest = buf[:end + 4], buf[end + 4:]
+            if status == 101 and client.upgrade:
+                self._start_tunnel(client, status, buf)
+                return
+            if status in (502, 503) and client.can_retry_status():
+                self.client = None
+                self.close()
+                client._attempt_failed(f"status_{status}", retry_any_method=False)
+                return
+            parser = httptools.HttpResponseParser(self)
+            try:
+                parser.feed_data(head)
+            except httptools.HttpParserError:
+                self._bad_response(client, "malformed response head")
+                return
+            self.keep_alive = parser.should_keep_alive()
+            lower = head.lower()
+            if self.is_head or status in (204, 304):
+                self.mode = _NONE
+            elif (te := _header(lower, lower, b"transfer-encoding")) is not None and b"chunked" in te:
+                self.mode = _CHUNKED
+                self.parser = parser
+                self.done = False
+            else:
+                length = _header(lower, head, b"content-length")
+                if length is not None:
+                    try:
+                        self.remaining = int(length)
+                    except ValueError:
+                        self._bad_response(client, "invalid Content-Length in response")
+                        return
+                    self.mode = _LENGTH if self.remaining else _NONE
+                else:
+                    self.mode = _EOF
+                    self.keep_alive = False
+            if client.relay.settings.echo_request_id and b"\r\nx-request-id:" not in lower:
+                line_end = head.find(b"\r\n") + 2
+                head = head[:line_end] + b"X-Request-Id: " + client.request_id.encode() + b"\r\n" + head[line_end:]
+            client.status = status
+            client.response_started = True
+            if client.timer is not None:
+                client.timer.cancel()
+                client.timer = None
+            self.head_done = True
+            if self.mode == _LENGTH and len(rest) <= self.remaining:
+                client.transport.write(head + rest if rest else head)  # the common case: one write
+                self.remaining -= len(rest)
+                if self.remaining == 0:
+                    client.response_complete(self.keep_alive)
+                return
+            client.transport.write(head)
+            if self.mode == _NONE:
+                client.response_complete(self.keep_alive and not rest)
+                return
+            data = rest
+            if not data:
+                return
+        # body
+        mode = self.mode
+        if mode == _LENGTH:
+            if len(data) >= self.remaining:
+                extra = len(data) > self.remaining
+                client.transport.write(data[:self.remaining] if extra else data)
+                self.remaining = 0
+                client.response_complete(self.keep_alive and not extra)
+            else:
+                self.remaining -= len(data)
+                client.transport.write(data)
+        elif mode == _CHUNKED:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                client.transport.write(data)
+                client.close()
+                return
+            client.transport.write(data)
+            if self.done:
+                client.response_complete(self.keep_alive)
+        else:
+            client.transport.write(data)
+
+    def _bad_response(self, client: ClientSide, message: str) -> None:
+        self.client = None
+        self.close()
+        client.response_started = False
+        client._attempt_failed("bad_response", retry_any_method=False)
+
+    def _start_tunnel(self, client: ClientSide, status: int, data: bytes) -> None:
+        if client.timer is not None:
+            client.timer.cancel()
+            client.timer = None
+        client.status = status
+        client.response_started = True
+        self.tunnelled = True
+        self.head_done = True
+        client.tunnel = self
+        client._record(status)
+        client.busy = False
+        client.backend.inflight -= 1
+        client.transport.write(data)
+        if client.buf:  # bytes the client sent right after its upgrade request
+            self.transport.write(client.buf)
+            client.buf = b""
+        if client.reading_paused:
+            client._resume_reading()
+
+
+def _drop_headers(head: bytes, names: tuple[bytes, ...]) -> bytes:
+    lines = head.split(b"\r\n")
+    kept = [lines[0]] + [
+        line for line in lines[1:]
+        if not line or line.split(b":", 1)[0].strip().lower() not in names
+    ]
+    return b"\r\n".join(kept)
+
+
+def _forwarding(head: bytes, lower: bytes, extra: bytes, peer: str, upgrade: bool) -> tuple[bytes, bytes]:
+    """X-Forwarded-* for the instance; hop-by-hop headers are the proxy's, not the app's."""
+    hop = tuple(h for h in _HOP_BY_HOP if b"\r\n" + h + b":" in lower)
+    if upgrade:  # a WebSocket handshake needs its Connection/Upgrade headers end to end
+        hop = tuple(h for h in hop if h not in (b"connection", b"upgrade"))
+    xff = _header(lower, head, b"x-forwarded-for")
+    drop = hop + ((b"x-forwarded-for",) if xff is not None else ())
+    if drop:
+        head = _drop_headers(head, drop)
+    host = _header(lower, head, b"host") or b""
+    chain = (xff + b", " if xff else b"") + peer.encode()
+    extra += b"X-Forwarded-For: " + chain + b"\r\n"
+    if b"\r\nx-forwarded-proto:" not in lower:
+        extra += b"X-Forwarded-Proto: http\r\n"
+    if b"\r\nx-forwarded-host:" not in lower and host:
+        extra += b"X-Forwarded-Host: " + host + b"\r\n"
+    return head, extra

@@ -1,0 +1,152 @@
+"""What the relay observes per request: Prometheus metrics and a structured access log.
+
+Both sit on the hot path, so the path itself only bumps plain counters and appends
+pre-encoded lines; prometheus_client renders the counters when /metrics is scraped, and
+the access log is written in batches (one write per 100 ms, not one per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import os
+import time
+
+import msgspec
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import generate_latest
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _Latency:
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.count = 0
+
+
+class RelayMetrics:
+    """Counters by route: requests by status, latency histogram, upstream errors, retries."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, _Latency] = {}
+        self.upstream_errors: dict[tuple[str, str], int] = {}
+        self.retries: dict[str, int] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        hist = self.latency.get(route)
+        if hist is None:
+            hist = self.latency[route] = _Latency()
+        hist.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        hist.total += seconds
+        hist.count += 1
+
+    def upstream_error(self, route: str, kind: str) -> None:
+        key = (route, kind)
+        self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+
+    def retry(self, route: str) -> None:
+        self.retries[route] = self.retries.get(route, 0) + 1
+
+    # prometheus_client collector protocol
+    def collect(self):
+        p = self.prefix
+        requests = CounterMetricFamily(f"{p}_requests", "Requests relayed, by route and status code",
+                                       labels=["route", "status"])
+        for (route, status), value in sorted(self.requests.items()):
+            requests.add_metric([route, str(status)], value)
+        yield requests
+        latency = HistogramMetricFamily(f"{p}_request_duration_seconds",
+                                        "Time from request head to response end", labels=["route"])
+        for route, hist in sorted(self.latency.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*BUCKETS, float("inf")), hist.counts):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            latency.add_metric([route], buckets, hist.total)
+        yield latency
+        errors = CounterMetricFamily(f"{p}_upstream_errors", "Failed attempts to reach an instance",
+                                     labels=["route", "kind"])
+        for (route, kind), value in sorted(self.upstream_errors.items()):
+            errors.add_metric([route, kind], value)
+        yield errors
+        retries = CounterMetricFamily(f"{p}_retries", "Requests retried on another instance", labels=["route"])
+        for route, value in sorted(self.retries.items()):
+            retries.add_metric([route], value)
+        yield retries
+
+    def render(self, extra: CollectorRegistry | None = None) -> bytes:
+        text = generate_latest(self.registry)
+        return text + generate_latest(extra) if extra is not None else text
+
+
+class AccessLine(msgspec.Struct):
+    ts: float
+    level: str
+    msg: str
+    service: str
+    instance: str
+    listener: str
+    method: str
+    path: str
+    status: int
+    duration_ms: float
+    upstream: str
+    request_id: str
+    retries: int
+
+
+class AccessLog:
+    """One JSON line per request on stdout (the supervisor files it), written in batches.
+
+    The path is logged without its query string: queries can carry secrets.
+    """
+
+    def __init__(self, service: str, instance: str, fd: int = 1, interval: float = 0.1) -> None:
+        self.service = service
+        self.instance = instance
+        self.fd = fd
+        self.interval = interval
+        self.enabled = True
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._scheduled = False
+        self._encode = msgspec.json.Encoder().encode
+
+    def record(self, listener: str, method: str, target: str, status: int, seconds: float,
+               upstream: str, request_id: str, retries: int) -> None:
+        if not self.enabled:
+            return
+        path = target.partition("?")[0]
+        line = self._encode(AccessLine(
+            round(time.time(), 3), "info", "request", self.service, self.instance, listener,
+            method, path, status, round(seconds * 1000, 3), upstream, request_id, retries,
+        )) + b"\n"
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size > 65536:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(self.interval, self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._lines:
+            return
+        data = b"".join(self._lines)
+        self._lines.clear()
+        self._size = 0
+        try:
+            os.write(self.fd, data)
+        except OSError:
+            pass  # nobody reads our output any more: not a reason to stop serving

@@ -90,7 +90,7 @@ def _start_detached(cfg: config_mod.Config, wait_timeout: float) -> int:
         phase = report["supervisor"]["phase"]
         if phase in ("running", "failed"):
             problems = report["supervisor"]["problems"]
-            _print_table(report)
+            _print_table(report, problems=False)
             if problems:
                 for problem in problems:
                     click.echo(f"problem: {problem}", err=True)
@@ -114,10 +114,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     _print_table(report)
 
 
-def _print_table(report: dict) -> None:
+def _print_table(report: dict, problems: bool = True) -> None:
     sup = report["supervisor"]
     click.echo(f"supervisor pid {sup['pid']}, {sup['phase']}, up {_duration(sup['uptime'])}, state in {sup['state_dir']}")
-    header = ["SERVICE", "INSTANCE", "PROCESS", "PID", "STATE", "UPTIME", "RESTARTS", "CPU%", "MEM", "PORT"]
+    header = ["SERVICE", "INSTANCE", "PROCESS", "PID", "STATE", "UPTIME", "RESTARTS", "CPU%", "MEM", "PORT", "CONSUL"]
     rows = []
     for row in report["processes"]:
         rows.append([
@@ -131,6 +131,7 @@ def _print_table(report: dict) -> None:
             f"{row['cpu_percent']:.1f}",
             _size(row["memory"]) if row["memory"] else "-",
             str(row["port"] or "-"),
+            row.get("consul") or "-",
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
@@ -139,7 +140,7 @@ def _print_table(report: dict) -> None:
     for row in report["processes"]:
         if row["reason"]:
             click.echo(f"{row['process']}: {row['reason']}")
-    for problem in sup["problems"]:
+    for problem in sup["problems"] if problems else []:
         click.echo(f"problem: {problem}")
 
 

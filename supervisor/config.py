@@ -101,8 +101,13 @@ class ServiceSettings(_Strict):
     database_url: str = ""
     upstreams: list[str] = []
     env: dict[str, str] = {}
-    # A fixed port shared by every instance (SO_REUSEPORT); 0 = one port per instance.
+    # A fixed public port shared by every instance (SO_REUSEPORT); 0 = one port per instance.
     port: int = 0
+    # Run a sidecar beside each instance: it registers the instance in Consul, proxies
+    # inbound traffic to the app and serves the upstream listeners.
+    sidecar: bool = True
+    version: str = "1"
+    drain_seconds: float = 2.0  # how long a stopping sidecar keeps serving after deregistering
     stop_timeout: float | None = None
     start_timeout: float | None = None
     restart: RestartOverride = msgspec.field(default_factory=RestartOverride)
@@ -131,6 +136,9 @@ class Service(msgspec.Struct, kw_only=True):
     upstreams: list[str]
     env: dict[str, str]
     port: int
+    sidecar: bool
+    version: str
+    drain_seconds: float
     stop_timeout: float
     start_timeout: float
     restart: RestartPolicy
@@ -219,6 +227,9 @@ def _resolve_service(name: str, command: str, svc: ServiceSettings, file: FileSe
         upstreams=list(svc.upstreams),
         env=dict(svc.env),
         port=svc.port,
+        sidecar=svc.sidecar,
+        version=svc.version,
+        drain_seconds=svc.drain_seconds,
         stop_timeout=svc.stop_timeout if svc.stop_timeout is not None else file.supervisor.stop_timeout,
         start_timeout=svc.start_timeout if svc.start_timeout is not None else file.supervisor.start_timeout,
         restart=policy,
@@ -315,6 +326,12 @@ def _validate(config: Config, file: FileSettings, commands: dict[str, str], show
         for var in svc.env:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", var):
                 fail(f"{key}.env.{var}", "is not a valid environment variable name")
+        if svc.upstreams and not svc.sidecar:
+            fail(f"{key}.upstreams", "upstream listeners are served by the sidecar: needs sidecar = true")
+        if svc.sidecar and not svc.health:
+            fail(f"{key}.health", "the sidecar's Consul check needs a health path")
+        if svc.drain_seconds < 0:
+            fail(f"{key}.drain_seconds", "must not be negative")
         for field in ("stop_timeout", "start_timeout"):
             if getattr(svc, field) <= 0:
                 fail(f"{key}.{field}", "must be greater than 0")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from supervisor.control import ControlServer
 from supervisor.infra import InfraError
 from supervisor.infra import consul as consul_infra
 from supervisor.infra import postgres as postgres_infra
-from supervisor.instance import Instance, app_spec
+from supervisor.instance import Instance, InstancePorts, app_spec, sidecar_spec
 from supervisor.logs import Printer, ProcessLog, RotatingFile, timestamp
 from supervisor.ports import PortAllocator, PortsExhausted
 from supervisor.process import Process, ProcessSpec, State
@@ -49,6 +50,7 @@ class Daemon:
         self.ports = PortAllocator(sup.host, *sup.port_range)
         self.scale_memory = state.ScaleMemory(self.state_dir)
         self.pids = state.PidRecord(self.state_dir)
+        self.node = config.consul.node_name or socket.gethostname()
         self._own_log = ProcessLog("supervisor", self._file("supervisor"), self.printer)
 
     # -- plumbing ------------------------------------------------------------------
@@ -99,14 +101,42 @@ class Daemon:
         env.update(service.env)
         return env
 
-    def make_instance(self, service: Service, index: int) -> Instance:
-        port = service.port or self.ports.take()
-        spec = app_spec(service, index, port, self.instance_env(service, index, port), str(self.config.root))
-        return Instance(service, index, port, [self.make_process(spec)])
+    def make_instance(self, service: Service, index: int, generation: int) -> Instance:
+        cwd = str(self.config.root)
+        taken: list[int] = []
+
+        def take() -> int:
+            port = self.ports.take()
+            taken.append(port)
+            return port
+
+        try:
+            if not service.sidecar:
+                port = service.port or take()
+                ports = InstancePorts(public=port, app=port)
+                spec = app_spec(service, index, port, self.instance_env(service, index, port), cwd)
+                return Instance(service, index, ports, [self.make_process(spec)])
+            ports = InstancePorts(
+                public=service.port or take(), app=take(), admin=take(),
+                upstreams={name: take() for name in service.upstreams},
+            )
+        except PortsExhausted:
+            for port in taken:
+                self.ports.release(port)
+            raise
+        # Unique per host and instance; a replacement during a rolling restart runs beside
+        # the old one for a moment, so it gets its own ID (-r2, -r3, ...).
+        service_id = f"{service.name}-{self.node}-{index}" + (f"-r{generation}" if generation > 1 else "")
+        env = self.instance_env(service, index, ports.app)
+        for name, port in ports.upstreams.items():
+            env[f"UPSTREAM_{name.upper().replace('-', '_')}_URL"] = f"http://127.0.0.1:{port}"
+        app = self.make_process(app_spec(service, index, ports.app, env, cwd))
+        sidecar = self.make_process(sidecar_spec(service, index, ports, service_id, self.base_env(), cwd))
+        return Instance(service, index, ports, [app, sidecar], service_id)
 
     def release(self, instance: Instance) -> None:
-        if not instance.service.port:
-            self.ports.release(instance.port)
+        for port in instance.ports.allocated(fixed_public=bool(instance.service.port)):
+            self.ports.release(port)
 
     # -- the run -------------------------------------------------------------------
 
@@ -244,7 +274,20 @@ class Daemon:
         while True:
             for proc in self._all_processes():
                 proc.sample()
+            await self._sample_consul_health()
             await asyncio.sleep(STATS_INTERVAL)
+
+    async def _sample_consul_health(self) -> None:
+        """Each instance's check status as the local Consul agent sees it (for `status`)."""
+        instances = [i for g in self.groups.values() for i in g.instances.values() if i.service_id]
+        if not instances:
+            return
+        checks = await consul_infra.agent_checks(self.config.consul.address, self.config.consul.token)
+        for instance in instances:
+            if checks is None:
+                instance.consul_health = "unknown"
+            else:
+                instance.consul_health = checks.get(instance.service_id, "absent")
 
     def _all_processes(self) -> list[Process]:
         procs = list(self.infra)

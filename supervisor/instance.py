@@ -1,14 +1,20 @@
 """One instance of a service: a small group of processes started in order, stopped in reverse.
 
-Today the group is the app alone; the sidecar joins it as a second member. Each member
-restarts on its own when it crashes; the instance as a whole is started, stopped and
-replaced together.
+The group is the app and, unless the service opts out, its sidecar. The app starts
+first and must answer its health path; then the sidecar starts, registers the instance
+in Consul and is ready once Consul reports the check passing. Stopping goes the other
+way: the sidecar deregisters and drains, then the app stops. Each member restarts on its
+own when it crashes; when the app dies, the sidecar is told at once (SIGUSR1) so Consul
+marks the instance critical without waiting for its next check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -16,16 +22,42 @@ from supervisor.config import Service
 from supervisor.process import Process, ProcessSpec, State
 
 
+@dataclass
+class InstancePorts:
+    public: int  # what clients and Consul use: the sidecar's listener, or the app without one
+    app: int
+    admin: int | None = None
+    upstreams: dict[str, int] = field(default_factory=dict)
+
+    def allocated(self, fixed_public: bool) -> list[int]:
+        ports = [self.app, *self.upstreams.values()]
+        if self.admin is not None:
+            ports.append(self.admin)
+        if not fixed_public and self.public != self.app:
+            ports.append(self.public)
+        return ports
+
+
 class Instance:
-    def __init__(self, service: Service, index: int, port: int, processes: list[Process]) -> None:
+    def __init__(self, service: Service, index: int, ports: InstancePorts, processes: list[Process],
+                 service_id: str = "") -> None:
         self.service = service
         self.index = index
-        self.port = port
+        self.ports = ports
         self.processes = processes
+        self.service_id = service_id
+        self.consul_health = ""
+        if len(processes) == 2:
+            app, sidecar = processes
+            app.exit_listeners.append(lambda _: sidecar.send_signal(signal.SIGUSR1))
 
     @property
     def name(self) -> str:
         return f"{self.service.name}.{self.index}"
+
+    @property
+    def port(self) -> int:
+        return self.ports.public
 
     async def start(self, timeout: float) -> str | None:
         """Start members in order, each ready before the next. Returns a problem or None."""
@@ -45,17 +77,10 @@ class Instance:
         for proc in self.processes:
             proc.kill_now()
 
-    @property
-    def state(self) -> State:
-        states = {p.state for p in self.processes}
-        for worst in (State.FATAL, State.BACKOFF, State.STOPPING, State.STARTING, State.STOPPED):
-            if worst in states:
-                return worst
-        return State.RUNNING
-
     def status(self) -> list[dict]:
         return [
-            {"service": self.service.name, "instance": self.index, **proc.status()}
+            {"service": self.service.name, "instance": self.index, "service_id": self.service_id,
+             "consul": self.consul_health, **proc.status()}
             for proc in self.processes
         ]
 
@@ -98,5 +123,38 @@ def app_spec(service: Service, index: int, port: int, env: dict[str, str], cwd: 
         stop_timeout=service.stop_timeout,
         port=port,
         ready_check=ready,
-        tags={"service": service.name, "instance": str(index)},
+        tags={"service": service.name, "instance": str(index), "role": "app"},
+    )
+
+
+def sidecar_spec(service: Service, index: int, ports: InstancePorts, service_id: str,
+                 env: dict[str, str], cwd: str) -> ProcessSpec:
+    assert ports.admin is not None
+    env = dict(env)
+    env.update(
+        SERVICE_NAME=service.name,
+        INSTANCE_INDEX=str(index),
+        SERVICE_ID=service_id,
+        SIDECAR_PORT=str(ports.public),
+        APP_PORT=str(ports.app),
+        SIDECAR_ADMIN_PORT=str(ports.admin),
+        HEALTH_PATH=service.health,
+        SERVICE_ROUTE=service.route,
+        OPENAPI_PATH=service.openapi,
+        SERVICE_VERSION=service.version,
+        SIDECAR_UPSTREAMS=",".join(f"{name}={port}" for name, port in ports.upstreams.items()),
+        SIDECAR_DRAIN_SECONDS=str(service.drain_seconds),
+        SIDECAR_REUSE_PORT="1" if service.port else "",
+    )
+    return ProcessSpec(
+        name=f"{service.name}.{index}.sidecar",
+        argv=[sys.executable, "-m", "sidecar"],
+        env=env,
+        cwd=cwd,
+        restart=service.restart,
+        # Deregister, drain, then up to 10 s for in-flight requests: give it that long.
+        stop_timeout=service.drain_seconds + 15.0,
+        port=ports.public,
+        ready_check=http_ready(ports.admin, "/ready"),
+        tags={"service": service.name, "instance": str(index), "role": "sidecar"},
     )

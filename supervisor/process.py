@@ -82,6 +82,9 @@ class Process:
         self._backoff = Backoff(spec.restart)
         self._on_spawn = on_spawn
         self._on_exit = on_exit
+        # Called with this process when it exits (not when we stop it): the instance
+        # uses it to tell the sidecar that its app died.
+        self.exit_listeners: list[Callable[[Process], None]] = []
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -125,6 +128,13 @@ class Process:
             await asyncio.gather(self._task, return_exceptions=True)
         self.state = State.STOPPED
         self.pid = None
+
+    def send_signal(self, sig: int) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                os.kill(self._proc.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def kill_now(self) -> None:
         """Last resort on a forced shutdown: SIGKILL the group without waiting."""
@@ -215,6 +225,9 @@ class Process:
         _signal_group(proc.pid, signal.SIGKILL)
         if self._on_exit:
             self._on_exit(self)
+        if not self._stopping:
+            for listener in self.exit_listeners:
+                listener(self)
         self._ready.clear()
         return ran_for
 
@@ -327,6 +340,7 @@ class Process:
             "cpu_percent": round(self.cpu_percent, 1),
             "memory": self.memory,
             "port": self.spec.port,
+            "role": self.spec.tags.get("role", ""),
             "reason": self.reason,
         }
 

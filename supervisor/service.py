@@ -14,12 +14,13 @@ from supervisor.instance import Instance
 
 
 class ServiceGroup:
-    def __init__(self, service: Service, make_instance: Callable[[Service, int], Instance],
+    def __init__(self, service: Service, make_instance: Callable[[Service, int, int], Instance],
                  release: Callable[[Instance], None]) -> None:
         self.service = service
         self.instances: dict[int, Instance] = {}
         self._make = make_instance
         self._release = release
+        self._generations: dict[int, int] = {}
         self._lock = asyncio.Lock()
 
     @property
@@ -40,7 +41,7 @@ class ServiceGroup:
                 index = 1
                 while len(current) + len(fresh) < count:
                     if index not in self.instances:
-                        instance = self._make(self.service, index)
+                        instance = self._new(index)
                         self.instances[index] = instance
                         fresh.append(instance)
                     index += 1
@@ -59,7 +60,7 @@ class ServiceGroup:
                 old = self.instances.get(target)
                 if old is None:
                     return [f"{self.name}.{target} does not exist"]
-                new = self._make(self.service, target)
+                new = self._new(target)
                 problem = await new.start(self.service.start_timeout)
                 if problem:
                     # Keep the old one serving; the replacement goes away.
@@ -68,6 +69,11 @@ class ServiceGroup:
                 self.instances[target] = new
                 await self._retire(old)
             return []
+
+    def _new(self, index: int) -> Instance:
+        generation = self._generations.get(index, 0) + 1
+        self._generations[index] = generation
+        return self._make(self.service, index, generation)
 
     async def stop_all(self) -> None:
         async with self._lock:

@@ -38,9 +38,11 @@ def stack():
 
         [services.auth]
         database = "auth"
+        sidecar = false
 
         [services.shop]
         database = "shop"
+        sidecar = false
         instances = 2
         """,
     )

@@ -17,7 +17,7 @@ def project(consul: str, services: dict[str, tuple[str, str]], extra: str = "") 
     """services: name -> (program flags, extra TOML lines for [services.name])."""
     low, high = free_range(40)
     procfile = "".join(f"{name}: {PY} {PROGRAMS / 'web.py'} {flags}\n" for name, (flags, _) in services.items())
-    tables = "".join(f"[services.{name}]\n{settings}\n" for name, (_, settings) in services.items())
+    tables = "".join(f"[services.{name}]\nsidecar = false\n{settings}\n" for name, (_, settings) in services.items())
     config = f"""
 [supervisor]
 port_range = [{low}, {high}]

@@ -97,3 +97,23 @@ async def wait_for_external(address: str, token: str, timeout: float) -> None:
             last = str(exc) or type(exc).__name__
         await asyncio.sleep(0.5)
     raise InfraError(f"the Consul agent at {address} did not answer with a leader within {timeout:g}s ({last})")
+
+
+async def agent_checks(address: str, token: str = "") -> dict[str, str] | None:
+    """{service ID: worst check status} from the local agent, or None if it is unreachable."""
+    headers = {"X-Consul-Token": token} if token else {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2), headers=headers) as session:
+            async with session.get(f"http://{address}/v1/agent/checks") as resp:
+                if resp.status != 200:
+                    return None
+                checks = await resp.json()
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return None
+    order = {"passing": 0, "warning": 1, "critical": 2}
+    worst: dict[str, str] = {}
+    for check in checks.values():
+        sid, status = check.get("ServiceID"), check.get("Status", "critical")
+        if sid and order.get(status, 2) >= order.get(worst.get(sid, "passing"), 0):
+            worst[sid] = status
+    return worst

@@ -1,0 +1,243 @@
+"""One sidecar beside one app instance.
+
+  start:  inbound listener (public port) -> app on 127.0.0.1; one local listener per
+          upstream, resolved through Consul; admin listener (/metrics, /ready, /status);
+          once the app answers its health path, register in Consul (anti-entropy keeps
+          the registration there).
+  run:    if the app stops answering (or the supervisor signals SIGUSR1: "your app
+          died"), force the Consul check critical at once instead of waiting for the
+          next check interval.
+  stop:   on SIGTERM deregister first, keep serving for the drain period so every
+          watcher sees the change, then finish in-flight requests and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import aiohttp
+from aiohttp import web
+
+from shared.balancing import Balancer
+from shared.consul import make_client
+from shared.discovery import Endpoint, ServiceWatch
+from shared.relay import Relay, RelaySettings, Route
+from shared.telemetry import AccessLog, RelayMetrics
+from sidecar.registration import Registration
+from sidecar.settings import SidecarSettings
+
+log = logging.getLogger("meshvisor.sidecar")
+
+APP_PROBE_INTERVAL = 1.0
+
+
+class Sidecar:
+    def __init__(self, settings: SidecarSettings) -> None:
+        self.s = settings
+        self.metrics = RelayMetrics("sidecar")
+        self.access_log = AccessLog(settings.service, settings.instance) if settings.access_log else None
+        self.relays: list[Relay] = []
+        self.servers: list[asyncio.AbstractServer] = []
+        self.watches: dict[str, ServiceWatch] = {}
+        self.balancers: dict[str, Balancer] = {}
+        self.app_healthy = False
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._admin: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def _meta(self) -> dict[str, str]:
+        s = self.s
+        meta = {"instance": str(s.index), "version": s.version, "health": s.health}
+        if s.route:
+            meta["route"] = s.route
+        if s.openapi:
+            meta["openapi"] = s.openapi
+        return meta
+
+    # -- start ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, self._app_died)
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        s = self.s
+        self.consul = make_client(s.consul_address, s.consul_token)  # needs the running loop
+        self.registration = Registration(
+            self.consul,
+            service_id=s.service_id,
+            name=s.service,
+            address=s.host,
+            port=s.port,
+            meta=self._meta(),
+            check_url=f"http://{s.host}:{s.port}{s.health}",
+            check_interval=s.check_interval,
+            check_timeout=s.check_timeout,
+            deregister_after=s.deregister_after,
+            log=log,
+        )
+        try:
+            await self._start_admin()
+            await self._start_inbound()
+            await self._start_upstreams()
+            log.info("listening", extra={"fields": {
+                "public": f"{self.s.host}:{self.s.port}", "app": f"127.0.0.1:{self.s.app_port}",
+                "upstreams": self.s.upstreams, "admin": self.s.admin_port}})
+            registered = asyncio.create_task(self._register_when_app_ready())
+            stopped = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({registered, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not registered.done():
+                registered.cancel()
+            else:
+                self._tasks.append(asyncio.create_task(self.registration.run_anti_entropy()))
+                self._tasks.append(asyncio.create_task(self._watch_app()))
+                await stopped
+        finally:
+            await self._shutdown()
+
+    async def _start_admin(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/status", self._status)
+        self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._admin.setup()
+        await web.TCPSite(self._admin, "127.0.0.1", self.s.admin_port).start()
+
+    async def _start_inbound(self) -> None:
+        app = Balancer(self.s.service, eject_after=1_000_000)  # one target: never eject it
+        app.update([("app", "127.0.0.1", self.s.app_port, {})])
+        route = Route("inbound", app, connect_timeout=self.s.connect_timeout,
+                      request_timeout=self.s.request_timeout, retries=1)
+        relay = Relay(RelaySettings("inbound"), lambda method, target: route, self.metrics, self.access_log)
+        await self._listen(relay, self.s.host, self.s.port, reuse_port=self.s.reuse_port)
+
+    async def _start_upstreams(self) -> None:
+        for name, port in self.s.upstreams.items():
+            balancer = Balancer(name)
+            self.balancers[name] = balancer
+
+            def update(endpoints: tuple[Endpoint, ...], balancer=balancer) -> None:
+                balancer.update((e.id, e.address, e.port, e.meta) for e in endpoints)
+                log.info("upstream instances changed", extra={"fields": {
+                    "upstream": balancer.name, "instances": [f"{e.address}:{e.port}" for e in endpoints]}})
+
+            watch = ServiceWatch(self.consul, name, on_change=update, log=log)
+            self.watches[name] = watch
+            await watch.start()
+            route = Route(name, balancer, connect_timeout=self.s.connect_timeout,
+                          request_timeout=self.s.request_timeout, retries=self.s.retries)
+            relay = Relay(RelaySettings("upstream"), lambda method, target, route=route: route,
+                          self.metrics, self.access_log)
+            await self._listen(relay, "127.0.0.1", port)
+
+    async def _listen(self, relay: Relay, host: str, port: int, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(relay.protocol, host, port, reuse_port=reuse_port or None,
+                                          backlog=1024)
+        self.relays.append(relay)
+        self.servers.append(server)
+
+    async def _register_when_app_ready(self) -> None:
+        waited = time.monotonic()
+        said = False
+        while not await self._probe_app():
+            if not said and time.monotonic() - waited > 5:
+                log.warning("app is not answering its health path yet; registration waits")
+                said = True
+            await asyncio.sleep(0.2)
+        self.app_healthy = True
+        await self.registration.register("passing")
+        log.info("registered in Consul", extra={"fields": {"service_id": self.s.service_id}})
+
+    async def _probe_app(self) -> bool:
+        try:
+            async with self._session.get(f"http://127.0.0.1:{self.s.app_port}{self.s.health}") as resp:
+                return 200 <= resp.status < 300
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    # -- run -----------------------------------------------------------------------
+
+    async def _watch_app(self) -> None:
+        """Tell Consul at once when the app stops answering; its own check confirms recovery."""
+        while True:
+            await asyncio.sleep(APP_PROBE_INTERVAL)
+            healthy = await self._probe_app()
+            if self.app_healthy and not healthy:
+                log.warning("app stopped answering its health path: check forced critical")
+                await self._mark_critical()
+            elif healthy and not self.app_healthy:
+                log.info("app answers again")
+            self.app_healthy = healthy
+
+    def _app_died(self) -> None:
+        if self.app_healthy:
+            log.warning("supervisor reports the app died: check forced critical")
+        self.app_healthy = False
+        asyncio.get_running_loop().create_task(self._mark_critical())
+
+    async def _mark_critical(self) -> None:
+        try:
+            await self.registration.mark_critical()
+        except Exception as exc:  # the agent may be down; its own check will do it
+            log.warning("could not force the check critical", extra={"fields": {"error": str(exc)}})
+
+    # -- admin ---------------------------------------------------------------------
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        ready = self.registration.registered and self.app_healthy and await self.registration.wait_passing(0)
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "service_id": self.s.service_id,
+            "registered": self.registration.registered,
+            "app_healthy": self.app_healthy,
+            "inflight": sum(r.inflight for r in self.relays),
+            "upstreams": {
+                name: [{"address": b.address, "inflight": b.inflight, "ejected": b.ejected_until > time.monotonic()}
+                       for b in balancer.backends]
+                for name, balancer in self.balancers.items()
+            },
+        })
+
+    # -- stop ----------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        started = time.monotonic()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.registration.registered:
+            await self.registration.deregister()
+            log.info("deregistered; draining", extra={"fields": {"drain_seconds": self.s.drain_seconds}})
+            # Watchers (gateway, other sidecars) need a moment to see the deregistration;
+            # until then requests still arrive and are served.
+            await asyncio.sleep(self.s.drain_seconds)
+        for server in self.servers:
+            server.close()
+        for relay in self.relays:
+            relay.start_draining()
+        idle = await asyncio.gather(*(r.wait_idle(10.0) for r in self.relays))
+        for relay in self.relays:
+            relay.close()
+        for watch in self.watches.values():
+            await watch.stop()
+        if self.access_log is not None:
+            self.access_log.flush()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        if self._session is not None:
+            await self._session.close()
+        log.info("stopped", extra={"fields": {"seconds": round(time.monotonic() - started, 2),
+                                               "cut_requests": not all(idle)}})
+

@@ -164,3 +164,61 @@ def alive(pids) -> list[int]:
         except psutil.Error:
             pass
     return out
+
+
+class ConsulDevAgent:
+    """A real Consul agent in dev mode (state in memory) on free ports, restartable.
+
+    A restart loses every registration, which is exactly the case sidecars must heal.
+    """
+
+    def __init__(self) -> None:
+        from supervisor.infra.consul import find_binary
+
+        self.binary = find_binary(ROOT)
+        self.http, self.server, self.serf = free_ports(3)
+        self.address = f"127.0.0.1:{self.http}"
+        self.dir = tempfile.mkdtemp(prefix="meshvisor-consul-")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+             "-http-port", str(self.http), "-server-port", str(self.server), "-serf-lan-port", str(self.serf),
+             "-serf-wan-port", "-1", "-dns-port", "-1", "-hcl", "ports { grpc = -1 }", "-log-level", "warn"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir,
+        )
+        wait_for(self.leader, timeout, interval=0.1, what="consul dev agent leader")
+
+    def leader(self) -> bool:
+        try:
+            return bool(self.get("/v1/status/leader"))
+        except OSError:
+            return False
+
+    def get(self, path: str):
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.address}{path}", timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def checks(self, service: str) -> dict[str, str]:
+        """{service ID: check status} in the catalog for one service."""
+        return {c["ServiceID"]: c["Status"] for c in self.get(f"/v1/health/checks/{service}")}
+
+    def passing(self, service: str) -> list[dict]:
+        return [e["Service"] for e in self.get(f"/v1/health/service/{service}?passing=true")]
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,5 +1,9 @@
 """A small HTTP service for the supervisor tests; its behaviour comes from flags.
 
+  GET  /bytes/N     N bytes of a repeating pattern (streamed, Content-Length)
+  GET  anything     {"pid": ..., "path": ..., "headers": {...}}
+  POST anything     {"pid": ..., "length": ..., "sha256": ...} of the body (streamed)
+
   --exit-now        exit with code 3 at once (a crash loop)
   --ignore-term     ignore SIGTERM (only SIGKILL stops it)
   --spawn-child     start a grandchild that sleeps (tests whole-tree stops)
@@ -7,6 +11,8 @@
 """
 
 import argparse
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -16,9 +22,40 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+PATTERN = bytes(range(256)) * 4096  # 1 MiB
+
+
 class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real apps do
+
     def do_GET(self):
-        body = f'{{"pid": {os.getpid()}, "path": "{self.path}"}}'.encode()
+        if self.path.startswith("/bytes/"):
+            size = int(self.path.split("/")[2])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            while size > 0:
+                chunk = PATTERN[:min(size, len(PATTERN))]
+                self.wfile.write(chunk)
+                size -= len(chunk)
+            return
+        self._json({"pid": os.getpid(), "path": self.path, "headers": dict(self.headers)})
+
+    def do_POST(self):
+        remaining = int(self.headers.get("Content-Length", "0"))
+        digest, length = hashlib.sha256(), 0
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            length += len(chunk)
+            remaining -= len(chunk)
+        self._json({"pid": os.getpid(), "length": length, "sha256": digest.hexdigest()})
+
+    def _json(self, data):
+        body = json.dumps(data).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

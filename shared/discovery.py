@@ -1,0 +1,269 @@
+"""Consul blocking watches -> live instance sets.
+
+A watch asks once without blocking, then keeps a blocking query open (`index` + `wait`)
+and updates its value when Consul answers with a change. If Consul is unreachable it keeps
+serving the last known value, says so once, and retries quickly so that an agent restart
+is noticed within seconds. The gateway and the sidecars' upstreams both use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import consul.aio
+import msgspec
+
+from shared.consul import (
+    MAX_WAIT,
+    REQUEST_TIMEOUT,
+    Log,
+    LogTarget,
+    OutageReporter,
+    Reply,
+    RetryDelay,
+    call,
+    describe,
+    duration,
+)
+
+# At most one query per this many seconds, even when the index changes all the time
+# (Consul's advice: rate-limit the loop rather than sleep blindly).
+MIN_QUERY_INTERVAL = 0.05
+
+# The shortest blocking wait we ask for.
+MIN_WAIT = 0.1
+
+# Retries after an error: short, because an agent restart must be noticed within seconds.
+RETRY_FIRST = 0.2
+RETRY_MAX = 2.0
+
+LOGGER = "meshvisor.discovery"
+
+T = TypeVar("T")
+
+
+class Endpoint(msgspec.Struct, frozen=True):
+    """One passing instance of a service, as Consul's health endpoint reports it."""
+
+    id: str
+    service: str
+    address: str  # Service.Address, or the node's address when the service gave none
+    port: int
+    meta: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+def endpoints_from_health(entries: list[dict[str, Any]]) -> tuple[Endpoint, ...]:
+    """/v1/health/service/<name> entries -> endpoints sorted by id."""
+    found = []
+    for entry in entries or []:
+        service = entry.get("Service") or {}
+        node = entry.get("Node") or {}
+        if not service.get("ID"):
+            continue
+        found.append(
+            Endpoint(
+                id=service["ID"],
+                service=service.get("Service", ""),
+                address=service.get("Address") or node.get("Address", ""),
+                port=int(service.get("Port") or 0),
+                meta=dict(service.get("Meta") or {}),
+            )
+        )
+    return tuple(sorted(found, key=lambda e: e.id))
+
+
+def next_index(previous: int, returned: int) -> int:
+    """The index to block on next, following Consul's rules for blocking clients.
+
+    An index that went backwards (a restored snapshot, a restarted dev agent) means start
+    over: 0, so the next query does not block. An index of 0 after a real answer is a
+    Consul bug that would turn the loop into busy polling: clamp it to 1, which is always
+    safe to wait on.
+    """
+    if returned < previous:
+        return 0
+    return max(returned, 1)
+
+
+class _BlockingWatch(Generic[T]):
+    """The loop shared by every watch: query, block, apply, retry; subclasses say what."""
+
+    def __init__(
+        self,
+        client: consul.aio.Consul,
+        *,
+        wait: float,
+        on_change: Callable[[T], None] | None,
+        log: LogTarget,
+        what: str,
+    ) -> None:
+        self._client = client
+        # Consul reads a wait of 0 as its default of 5 minutes; keep it to what was meant.
+        self.wait = min(max(wait, MIN_WAIT), MAX_WAIT)
+        self._on_change = on_change
+        self._log = Log(log, LOGGER)
+        self._what = what
+        self._outage = OutageReporter(self._log, what)
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.index = 0
+        self.queries = 0  # requests made: for metrics and for tests that check we block
+
+    # -- what a subclass provides
+
+    def _path(self) -> str:
+        raise NotImplementedError
+
+    def _params(self) -> list[tuple[str, str]]:
+        return []
+
+    def _apply(self, data: Any) -> T | None:
+        """Take a decoded answer; return the new value if it changed, else None."""
+        raise NotImplementedError
+
+    def _describe_kept(self) -> str:
+        raise NotImplementedError
+
+    # -- lifecycle
+
+    @property
+    def ready(self) -> bool:
+        """True once a first answer arrived."""
+        return self._ready.is_set()
+
+    async def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"watch {self._what}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    # -- the loop
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        retry = RetryDelay(RETRY_FIRST, RETRY_MAX)
+        last_start = -math.inf
+        while True:
+            pause = last_start + MIN_QUERY_INTERVAL - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            last_start = loop.time()
+            try:
+                reply = await self._query()
+                changed = self._apply(reply.json())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._outage.failed(exc, self._describe_kept())
+                # The agent may come back as a new process whose indexes restarted low:
+                # blocking on our old, higher index would then hang for the whole wait.
+                self.index = 0
+                await asyncio.sleep(retry.next())
+                continue
+            self._outage.recovered()
+            retry.reset()
+            self.index = next_index(self.index, reply.index)
+            self._ready.set()
+            if changed is not None:
+                self._notify(changed)
+
+    async def _query(self) -> Reply:
+        params = [*self._params(), ("stale", "1")]  # any server may answer: spares the leader
+        timeout = REQUEST_TIMEOUT
+        if self.index > 0:  # never block on index 0: the first answer must come at once
+            params += [("index", str(self.index)), ("wait", duration(self.wait))]
+            # Consul adds up to wait/16 of jitter; the margin covers that and the network.
+            timeout = self.wait + self.wait / 16 + REQUEST_TIMEOUT
+        self.queries += 1
+        return (await call(self._client, "GET", self._path(), params=params, timeout=timeout)).raise_for_status()
+
+    def _notify(self, value: T) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(value)
+        except Exception as exc:  # a consumer's bug must not stop the watch
+            self._log.warning(f"on_change of watch {self._what} failed: {describe(exc)}")
+
+
+class ServiceWatch(_BlockingWatch[tuple[Endpoint, ...]]):
+    """The passing instances of one service, kept current.
+
+    `endpoints` is the last known set, sorted by id; `on_change(endpoints)` is called when
+    it really changes.
+    """
+
+    def __init__(
+        self,
+        client: consul.aio.Consul,
+        service: str,
+        *,
+        wait: float = 30.0,
+        on_change: Callable[[tuple[Endpoint, ...]], None] | None = None,
+        log: LogTarget = None,
+    ) -> None:
+        super().__init__(client, wait=wait, on_change=on_change, log=log, what=f"service {service}")
+        self.service = service
+        self.endpoints: tuple[Endpoint, ...] = ()
+
+    def _path(self) -> str:
+        return f"/v1/health/service/{self.service}"  # py-consul quotes the path
+
+    def _params(self) -> list[tuple[str, str]]:
+        return [("passing", "true")]
+
+    def _apply(self, data: Any) -> tuple[Endpoint, ...] | None:
+        endpoints = endpoints_from_health(data)
+        if endpoints == self.endpoints:
+            return None
+        self.endpoints = endpoints
+        self._log.debug(f"service {self.service}: {[e.id for e in endpoints]}")
+        return endpoints
+
+    def _describe_kept(self) -> str:
+        return f"keeping {len(self.endpoints)} known instance(s) of {self.service}"
+
+
+class CatalogWatch(_BlockingWatch[dict[str, list[str]]]):
+    """The services in the catalog (name -> tags), kept current."""
+
+    def __init__(
+        self,
+        client: consul.aio.Consul,
+        *,
+        wait: float = 30.0,
+        on_change: Callable[[dict[str, list[str]]], None] | None = None,
+        log: LogTarget = None,
+    ) -> None:
+        super().__init__(client, wait=wait, on_change=on_change, log=log, what="catalog services")
+        self.services: dict[str, list[str]] = {}
+
+    def _path(self) -> str:
+        return "/v1/catalog/services"
+
+    def _apply(self, data: Any) -> dict[str, list[str]] | None:
+        services = {name: list(tags or []) for name, tags in (data or {}).items()}
+        if services == self.services:
+            return None
+        self.services = services
+        return dict(services)
+
+    def _describe_kept(self) -> str:
+        return f"keeping {len(self.services)} known service(s)"

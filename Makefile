@@ -7,7 +7,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.meshvisor-installed
 CONSUL  := .tools/consul/usr/bin/consul
 
-.PHONY: setup start test bench clean-state consul postgres
+.PHONY: setup start test bench-sidecar clean-state consul postgres wrk
 
 setup: $(STAMP) consul postgres
 
@@ -26,6 +26,13 @@ start: setup
 
 test: setup
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { echo "meshvisor: installing wrk with apt" >&2; \
+	  DEBIAN_FRONTEND=noninteractive apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y wrk >/dev/null; }
+
+bench-sidecar: setup wrk
+	@$(VENV)/bin/python -m bench.sidecar $(BENCH_ARGS)
 
 clean-state:
 	rm -rf .state

@@ -16,22 +16,20 @@ from collections.abc import Iterable
 class Backend:
     """One instance as the balancer sees it."""
 
-    __slots__ = ("key", "host", "port", "meta", "inflight", "failures", "ejected_until", "idle", "removed")
+    __slots__ = ("key", "host", "port", "address", "meta", "inflight", "failures", "ejected_until", "idle",
+                 "removed")
 
     def __init__(self, key: str, host: str, port: int, meta: dict[str, str] | None = None) -> None:
         self.key = key
         self.host = host
         self.port = port
+        self.address = f"{host}:{port}"  # logged per request: computed once
         self.meta = meta or {}
         self.inflight = 0
         self.failures = 0  # consecutive
         self.ejected_until = 0.0
         self.idle: list = []  # keep-alive connections ready for reuse (relay.UpstreamSide)
         self.removed = False
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def __repr__(self) -> str:
         return f"Backend({self.key} {self.address} inflight={self.inflight} failures={self.failures})"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,11 +34,13 @@ MAX_HEAD = 64 * 1024  # larger request heads get 431
 REPLAY_LIMIT = 64 * 1024  # requests up to this size can be replayed on another instance
 PENDING_LIMIT = 256 * 1024  # body bytes held while connecting before we stop reading
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+# Characters a client-supplied X-Request-Id may use (it ends up in logs and headers).
+_REQUEST_ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
 _HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
                b"proxy-authorization", b"proxy-authenticate")
 
 _NONE, _LENGTH, _CHUNKED, _EOF = 0, 1, 2, 3
+DEADLINE_SWEEP = 0.1  # request timeouts are enforced to within this many seconds
 
 
 @dataclass
@@ -78,6 +79,9 @@ class Relay:
         self.draining = False
         self.loop = asyncio.get_running_loop()
         self._idle_check = self.loop.call_later(settings.idle_timeout / 2, self._close_idle_clients)
+        # One sweep for every request deadline instead of a timer per request (a timer
+        # costs more than the rest of the bookkeeping of a small request).
+        self._deadline_check = self.loop.call_later(DEADLINE_SWEEP, self._expire_deadlines)
 
     def protocol(self) -> ClientSide:
         return ClientSide(self)
@@ -101,8 +105,16 @@ class Relay:
 
     def close(self) -> None:
         self._idle_check.cancel()
+        self._deadline_check.cancel()
         for conn in list(self.connections):
             conn.close()
+
+    def _expire_deadlines(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if conn.deadline and conn.deadline <= now:
+                conn._timed_out()
+        self._deadline_check = self.loop.call_later(DEADLINE_SWEEP, self._expire_deadlines)
 
     def _close_idle_clients(self) -> None:
         now = self.loop.time()
@@ -128,6 +140,12 @@ def _new_id() -> str:
 
 class ClientSide(asyncio.Protocol):
     """A connection from a client; relays one request at a time to an instance."""
+
+    __slots__ = ("attempts", "backend", "body_mode", "body_seen", "buf", "busy", "closed", "connecting",
+                 "deadline", "head_out", "is_head", "keep_alive", "last_active", "method", "parser", "peer",
+                 "pending", "pending_size", "reading_paused", "relay", "remaining", "replay", "replay_size",
+                 "req_done", "request_id", "response_started", "route", "sent_any", "started", "status",
+                 "target", "transport", "tried", "tunnel", "upgrade", "upstream")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -163,7 +181,7 @@ class ClientSide(asyncio.Protocol):
         self.status = 0
         self.upstream: UpstreamSide | None = None
         self.response_started = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time by which the response head must arrive; 0: none
         self.is_head = False
         self.upgrade = False
         self.body_seen = 0
@@ -208,8 +226,7 @@ class ClientSide(asyncio.Protocol):
         if self.busy:
             if self.connecting is not None:
                 self.connecting.cancel()
-            if self.timer is not None:
-                self.timer.cancel()
+            self.deadline = 0.0
             up = self.upstream
             if up is not None:
                 up.client = None
@@ -296,7 +313,7 @@ class ClientSide(asyncio.Protocol):
         # Headers we add: request id, trace context, forwarding.
         extra = b""
         rid = _header(lower, head, b"x-request-id")
-        if rid is not None and _REQUEST_ID.match(rid):
+        if rid and len(rid) <= 128 and not rid.translate(None, _REQUEST_ID_CHARS):
             self.request_id = rid.decode()
         else:
             self.request_id = _new_id()
@@ -440,15 +457,13 @@ class ClientSide(asyncio.Protocol):
         self.pending_size = 0
         if self.reading_paused and not self.req_done:
             self._resume_reading()
-        self.timer = self.relay.loop.call_later(self.route.request_timeout, self._timed_out)
+        self.deadline = self.relay.loop.time() + self.route.request_timeout
 
     def _attempt_failed(self, kind: str, retry_any_method: bool) -> None:
         """An attempt produced no response: try another instance if allowed, else answer."""
         route = self.route
         backend = self.backend
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         if backend is not None:
             backend.inflight -= 1
             route.balancer.failed(backend)
@@ -474,7 +489,7 @@ class ClientSide(asyncio.Protocol):
             self._reply(502, f"{route.name} could not be reached ({kind})", close=not self.req_done)
 
     def _timed_out(self) -> None:
-        self.timer = None
+        self.deadline = 0.0
         up = self.upstream
         if up is not None:
             up.client = None
@@ -497,9 +512,7 @@ class ClientSide(asyncio.Protocol):
                 and self.attempts < self.route.retries and len(self.route.balancer.backends) > len(self.tried) + 1)
 
     def response_complete(self, up_reusable: bool) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         up = self.upstream
         backend = self.backend
         route = self.route
@@ -566,6 +579,9 @@ class ClientSide(asyncio.Protocol):
 
 class UpstreamSide(asyncio.Protocol):
     """A keep-alive connection to one instance, relaying one response at a time."""
+
+    __slots__ = ("backend", "buf", "client", "closed", "done", "head_done", "is_head", "keep_alive", "mode",
+                 "parser", "relay", "remaining", "reused", "transport", "tunnelled")
 
     def __init__(self, relay: Relay, backend: Backend) -> None:
         self.relay = relay
@@ -690,17 +706,23 @@ class UpstreamSide(asyncio.Protocol):
                 self.close()
                 client._attempt_failed(f"status_{status}", retry_any_method=False)
                 return
-            parser = httptools.HttpResponseParser(self)
-            try:
-                parser.feed_data(head)
-            except httptools.HttpParserError:
-                self._bad_response(client, "malformed response head")
-                return
-            self.keep_alive = parser.should_keep_alive()
+            # The instance is one of ours: read the status line and framing headers
+            # directly; the parser is only needed to follow a chunked body.
             lower = head.lower()
+            connection = _header(lower, lower, b"connection")
+            if head.startswith(b"HTTP/1.1"):
+                self.keep_alive = connection is None or b"close" not in connection
+            else:
+                self.keep_alive = connection is not None and b"keep-alive" in connection
             if self.is_head or status in (204, 304):
                 self.mode = _NONE
             elif (te := _header(lower, lower, b"transfer-encoding")) is not None and b"chunked" in te:
+                parser = httptools.HttpResponseParser(self)
+                try:
+                    parser.feed_data(head)
+                except httptools.HttpParserError:
+                    self._bad_response(client, "malformed response head")
+                    return
                 self.mode = _CHUNKED
                 self.parser = parser
                 self.done = False
@@ -721,9 +743,7 @@ class UpstreamSide(asyncio.Protocol):
                 head = head[:line_end] + b"X-Request-Id: " + client.request_id.encode() + b"\r\n" + head[line_end:]
             client.status = status
             client.response_started = True
-            if client.timer is not None:
-                client.timer.cancel()
-                client.timer = None
+            client.deadline = 0.0
             self.head_done = True
             if self.mode == _LENGTH and len(rest) <= self.remaining:
                 client.transport.write(head + rest if rest else head)  # the common case: one write
@@ -769,9 +789,7 @@ class UpstreamSide(asyncio.Protocol):
         client._attempt_failed("bad_response", retry_any_method=False)
 
     def _start_tunnel(self, client: ClientSide, status: int, data: bytes) -> None:
-        if client.timer is not None:
-            client.timer.cancel()
-            client.timer = None
+        client.deadline = 0.0
         client.status = status
         client.response_started = True
         self.tunnelled = True

@@ -1,0 +1,17 @@
+"""The benchmark's app: an aiohttp app with one small JSON endpoint (and /health)."""
+
+import os
+
+import uvloop
+from aiohttp import web
+
+
+async def hello(request: web.Request) -> web.Response:
+    return web.json_response({"message": "hello", "items": [1, 2, 3], "ok": True})
+
+
+app = web.Application()
+app.router.add_get("/", hello)
+app.router.add_get("/health", hello)
+uvloop.install()
+web.run_app(app, host="127.0.0.1", port=int(os.environ["PORT"]), access_log=None, print=None)

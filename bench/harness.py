@@ -1,0 +1,171 @@
+"""Shared benchmark plumbing: processes on free ports, wrk runs, CPU time from /proc.
+
+Method (the same for every benchmark here): wrk with 1 thread and 50 connections,
+several rounds with the paths interleaved (so drift of this noisy 2-core machine hits
+every path alike), medians over rounds. CPU per request is the utime+stime a proxy
+process spent during a run (from /proc/<pid>/stat) divided by the requests wrk counted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout}s")
+
+
+class Processes:
+    """Starts processes and makes sure every one is gone at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.tmp = tempfile.mkdtemp(prefix="meshvisor-bench-")
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None, name: str = "") -> subprocess.Popen:
+        log = open(Path(self.tmp) / f"{name or Path(argv[0]).name}-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=ROOT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def consul_dev_agent(procs: Processes) -> str:
+    sys.path.insert(0, str(ROOT))
+    from supervisor.infra.consul import find_binary
+
+    http, server, serf = free_port(), free_port(), free_port()
+    procs.start([find_binary(ROOT), "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+                 "-http-port", str(http), "-server-port", str(server), "-serf-lan-port", str(serf),
+                 "-serf-wan-port", "-1", "-dns-port", "-1", "-hcl", "ports { grpc = -1 }", "-log-level", "warn"],
+                name="consul")
+    address = f"127.0.0.1:{http}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{address}/v1/status/leader", timeout=1) as resp:
+                if resp.read().strip(b'"\n'):
+                    return address
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("consul dev agent did not get a leader")
+
+
+@dataclass
+class Path_:
+    name: str
+    url: str
+    proxies: list[int] = field(default_factory=list)  # pids whose CPU counts for this path
+    rps: list[float] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(number) * _UNITS[unit]
+
+
+def wrk(url: str, seconds: float, connections: int = 50) -> tuple[float, float, float, int]:
+    """(requests/s, p50 ms, p99 ms, requests)."""
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = _ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1))
+    p99 = _ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"{url}: {errors.group(1)} non-2xx responses")
+    return rps, p50, p99, total
+
+
+def measure(paths: list[Path_], rounds: int, seconds: float) -> None:
+    for number in range(1, rounds + 1):
+        for path in paths:
+            before = [cpu_seconds(pid) for pid in path.proxies]
+            rps, p50, p99, total = wrk(path.url, seconds)
+            after = [cpu_seconds(pid) for pid in path.proxies]
+            path.rps.append(rps)
+            path.p50.append(p50)
+            path.p99.append(p99)
+            if path.proxies:
+                path.cpu_us.append(sum(a - b for a, b in zip(after, before)) / total * 1e6)
+        print(f"round {number}/{rounds}: " + ", ".join(f"{p.name} {p.rps[-1]:.0f} req/s" for p in paths),
+              file=sys.stderr)
+
+
+def table(paths: list[Path_], baseline: Path_) -> str:
+    med = statistics.median
+    rows = [("path", "req/s", "p50 ms", "p99 ms", "proxy CPU us/req", "req/s vs direct", "p50 vs direct")]
+    for p in paths:
+        rows.append((
+            p.name, f"{med(p.rps):.0f}", f"{med(p.p50):.2f}", f"{med(p.p99):.2f}",
+            f"{med(p.cpu_us):.1f}" if p.cpu_us else "-",
+            f"{med(p.rps) / med(baseline.rps):.2f}x", f"{med(p.p50) / med(baseline.p50):.2f}x",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return f"{os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}"

@@ -1,0 +1,67 @@
+"""Sidecar benchmark: one small JSON endpoint of an aiohttp app, reached
+
+  direct    client -> app
+  inbound   client -> sidecar (public listener) -> app
+  upstream  client -> sidecar B (upstream listener, Consul-resolved) -> sidecar A -> app
+
+Prints requests/s, p50/p99 and the CPU each proxy spends per request, with ratios to
+the direct path. Run with `make bench-sidecar` (installs wrk if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+from bench.harness import Path_, Processes, consul_dev_agent, free_port, machine, measure, table, wait_http
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--no-access-log", action="store_true", help="switch the sidecars' access log off")
+    args = parser.parse_args()
+
+    with Processes() as procs:
+        consul = consul_dev_agent(procs)
+        app_port, public, admin_a = free_port(), free_port(), free_port()
+        client_public, admin_b, upstream = free_port(), free_port(), free_port()
+        procs.start([sys.executable, "bench/app.py"], {"PORT": str(app_port)}, name="app")
+        wait_http(f"http://127.0.0.1:{app_port}/health")
+        common = {"CONSUL_HTTP_ADDR": consul, "SIDECAR_ACCESS_LOG": "0" if args.no_access_log else "1",
+                  "SIDECAR_DRAIN_SECONDS": "0"}
+        sidecar_a = procs.start([sys.executable, "-m", "sidecar"], {
+            **common, "SERVICE_NAME": "bench", "INSTANCE_INDEX": "1", "SIDECAR_PORT": str(public),
+            "APP_PORT": str(app_port), "SIDECAR_ADMIN_PORT": str(admin_a)}, name="sidecar-a")
+        # Sidecar B fronts the same app (it needs a healthy app to register) and holds
+        # the upstream listener through which "bench" is called.
+        sidecar_b = procs.start([sys.executable, "-m", "sidecar"], {
+            **common, "SERVICE_NAME": "caller", "INSTANCE_INDEX": "1", "SIDECAR_PORT": str(client_public),
+            "APP_PORT": str(app_port), "SIDECAR_ADMIN_PORT": str(admin_b),
+            "SIDECAR_UPSTREAMS": f"bench={upstream}"}, name="sidecar-b")
+        wait_http(f"http://127.0.0.1:{public}/")
+        wait_http(f"http://127.0.0.1:{upstream}/")
+
+        direct = Path_("direct (app)", f"http://127.0.0.1:{app_port}/")
+        paths = [
+            direct,
+            Path_("inbound (sidecar -> app)", f"http://127.0.0.1:{public}/", [sidecar_a.pid]),
+            Path_("upstream (sidecar -> sidecar -> app)", f"http://127.0.0.1:{upstream}/",
+                  [sidecar_a.pid, sidecar_b.pid]),
+        ]
+        print(f"warming up, then {args.rounds} rounds of {args.seconds:g}s per path", file=sys.stderr)
+        measure(paths, 1, 2)  # warm-up round, discarded
+        for p in paths:
+            p.rps.clear(), p.p50.clear(), p.p99.clear(), p.cpu_us.clear()
+        measure(paths, args.rounds, args.seconds)
+        print(f"\nsidecar benchmark, {datetime.date.today()}, {machine()}, wrk -t1 -c50, "
+              f"{args.rounds} rounds x {args.seconds:g}s, medians; access log {'off' if args.no_access_log else 'on'}")
+        print(table(paths, direct))
+        print("proxy CPU us/req: utime+stime of the sidecar process(es) on the path / requests served "
+              "(upstream path: both sidecars together)")
+
+
+if __name__ == "__main__":
+    main()

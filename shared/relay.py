@@ -141,7 +141,7 @@ def _new_id() -> str:
 class ClientSide(asyncio.Protocol):
     """A connection from a client; relays one request at a time to an instance."""
 
-    __slots__ = ("attempts", "backend", "body_mode", "body_seen", "buf", "busy", "closed", "connecting",
+    __slots__ = ("fresh_only", "attempts", "backend", "body_mode", "body_seen", "buf", "busy", "closed", "connecting",
                  "deadline", "head_out", "is_head", "keep_alive", "last_active", "method", "parser", "peer",
                  "pending", "pending_size", "reading_paused", "relay", "remaining", "replay", "replay_size",
                  "req_done", "request_id", "response_started", "route", "sent_any", "started", "status",
@@ -186,6 +186,7 @@ class ClientSide(asyncio.Protocol):
         self.upgrade = False
         self.body_seen = 0
         self.sent_any = False
+        self.fresh_only = False  # after a stale pooled connection: connect anew
         self.connecting: asyncio.Task | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------
@@ -415,7 +416,7 @@ class ClientSide(asyncio.Protocol):
         self.backend = backend
         backend.inflight += 1
         idle = backend.idle
-        while idle:
+        while idle and not self.fresh_only:
             up = idle.pop()
             if up.usable:
                 self._attach(up, reused=True)
@@ -464,14 +465,24 @@ class ClientSide(asyncio.Protocol):
         route = self.route
         backend = self.backend
         self.deadline = 0.0
+        # A pooled keep-alive connection closed by the instance just as we reused it is
+        # the connection's failure, not the instance's: one retry on a fresh connection
+        # to the same instance (a single-instance route has nowhere else to go).
+        stale = kind == "reset" and not self.fresh_only
         if backend is not None:
             backend.inflight -= 1
-            route.balancer.failed(backend)
-            self.tried += (backend,)
+            if not stale:
+                route.balancer.failed(backend)
+                self.tried += (backend,)
             self.backend = None
         self.upstream = None
         self.relay.metrics.upstream_error(route.name, kind)
         if self.closed:
+            return
+        if stale and self.method in IDEMPOTENT and self.replay is not None:
+            self.fresh_only = True
+            self.relay.metrics.retry(route.name)
+            self._dispatch()
             return
         # Replayable: nothing went out yet, or everything that did is still in hand.
         can_replay = not self.sent_any or self.replay is not None

@@ -194,12 +194,12 @@ def test_50mb_bodies_stream_through_inbound_and_upstream(make_mesh, agent):
     async def transfer(url: str):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
             async with session.post(f"{url}/upload", data=body) as resp:
-                assert resp.status == 200
+                assert resp.status == 200, (resp.status, await resp.text())
                 got = await resp.json()
                 assert got["length"] == size and got["sha256"] == expected
             digest, length = hashlib.sha256(), 0
             async with session.get(f"{url}/bytes/{size}") as resp:
-                assert resp.status == 200
+                assert resp.status == 200, (resp.status, await resp.text())
                 async for chunk in resp.content.iter_chunked(1 << 20):
                     digest.update(chunk)
                     length += len(chunk)

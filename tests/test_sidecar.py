@@ -216,3 +216,50 @@ def test_50mb_bodies_stream_through_inbound_and_upstream(make_mesh, agent):
     assert down_in == down_up == hashlib.sha256((bytes(range(256)) * 4096) * 50).hexdigest()
     for pk, before in zip(peak, rss_before):
         assert pk - before < 25 * 1024 * 1024, "a sidecar buffered the body instead of streaming it"
+
+
+def test_rolling_restart_and_scale_under_load_lose_nothing(make_mesh, agent):
+    import threading
+
+    p = make_mesh({"backend": "instances = 2", "client": 'upstreams = ["backend"]'})
+    p.start()
+    url = environ(rows_by_process(p)["client.1"]["pid"])["UPSTREAM_BACKEND_URL"]
+    old_apps = {r["pid"] for r in p.rows("backend") if r["role"] == "app"}
+
+    def operate():
+        time.sleep(0.5)
+        p.cli("restart", "backend", check=True)
+        p.cli("scale", "backend=3", check=True)
+
+    operator = threading.Thread(target=operate)
+    results: dict = {}
+
+    async def load():
+        # Bounded: at most 4000 requests or until the operations are done.
+        statuses, pids = [], []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            async def worker():
+                while operator.is_alive() and len(statuses) < 4000:
+                    try:
+                        async with session.get(f"{url}/x") as resp:
+                            statuses.append(resp.status)
+                            pids.append((await resp.json(content_type=None)).get("pid"))
+                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                        statuses.append(repr(exc))
+            await asyncio.gather(*(worker() for _ in range(8)))
+        results.update(statuses=statuses, pids=pids)
+
+    started = time.monotonic()
+    operator.start()
+    asyncio.run(load())
+    operator.join()
+    statuses = results["statuses"]
+    failed = [s for s in statuses if s != 200]
+    new_apps = {r["pid"] for r in p.rows("backend") if r["role"] == "app"}
+    served_by_new = {pid for pid in results["pids"] if pid in new_apps}
+    print(f"rolling restart of 2 + scale to 3 under load: {len(statuses)} requests in "
+          f"{time.monotonic() - started:.1f}s, {len(failed)} failed")
+    assert not failed, failed[:5]
+    assert not old_apps & new_apps and len(new_apps) == 3
+    assert served_by_new, "the new instances received traffic"
+    assert len(agent.passing("backend")) == 3

@@ -238,6 +238,7 @@ class Sidecar:
             await self._admin.cleanup()
         if self._session is not None:
             await self._session.close()
+        await self.consul.close()
         log.info("stopped", extra={"fields": {"seconds": round(time.monotonic() - started, 2),
                                                "cut_requests": not all(idle)}})
 

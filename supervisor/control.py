@@ -56,6 +56,7 @@ async def _decode(request: web.Request, kind):
 
 def build_app(daemon: Daemon) -> web.Application:
     async def status(request: web.Request) -> web.Response:
+        await daemon.refresh_consul_health()
         return _json(daemon.status())
 
     async def scale(request: web.Request) -> web.Response:

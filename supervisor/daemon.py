@@ -113,12 +113,16 @@ class Daemon:
         try:
             if not service.sidecar:
                 port = service.port or take()
-                ports = InstancePorts(public=port, app=port)
-                spec = app_spec(service, index, port, self.instance_env(service, index, port), cwd)
+                admin = take() if service.port else None
+                ports = InstancePorts(public=port, app=port, admin=admin, taken=taken)
+                env = self.instance_env(service, index, port)
+                if admin is not None:  # instances share `port`; each answers on its own too
+                    env.update(ADMIN_PORT=str(admin), REUSE_PORT="1")
+                spec = app_spec(service, index, port, env, cwd, ready_port=admin)
                 return Instance(service, index, ports, [self.make_process(spec)])
             ports = InstancePorts(
                 public=service.port or take(), app=take(), admin=take(),
-                upstreams={name: take() for name in service.upstreams},
+                upstreams={name: take() for name in service.upstreams}, taken=taken,
             )
         except PortsExhausted:
             for port in taken:
@@ -135,7 +139,7 @@ class Daemon:
         return Instance(service, index, ports, [app, sidecar], service_id)
 
     def release(self, instance: Instance) -> None:
-        for port in instance.ports.allocated(fixed_public=bool(instance.service.port)):
+        for port in instance.ports.taken:
             self.ports.release(port)
 
     # -- the run -------------------------------------------------------------------
@@ -274,10 +278,10 @@ class Daemon:
         while True:
             for proc in self._all_processes():
                 proc.sample()
-            await self._sample_consul_health()
+            await self.refresh_consul_health()
             await asyncio.sleep(STATS_INTERVAL)
 
-    async def _sample_consul_health(self) -> None:
+    async def refresh_consul_health(self) -> None:
         """Each instance's check status as the local Consul agent sees it (for `status`)."""
         instances = [i for g in self.groups.values() for i in g.instances.values() if i.service_id]
         if not instances:

@@ -26,16 +26,11 @@ from supervisor.process import Process, ProcessSpec, State
 class InstancePorts:
     public: int  # what clients and Consul use: the sidecar's listener, or the app without one
     app: int
+    # The sidecar's admin listener; for an app sharing a fixed port (SO_REUSEPORT), a
+    # private port of its own where each instance answers its health path.
     admin: int | None = None
     upstreams: dict[str, int] = field(default_factory=dict)
-
-    def allocated(self, fixed_public: bool) -> list[int]:
-        ports = [self.app, *self.upstreams.values()]
-        if self.admin is not None:
-            ports.append(self.admin)
-        if not fixed_public and self.public != self.app:
-            ports.append(self.public)
-        return ports
+    taken: list[int] = field(default_factory=list)  # drawn from the range: given back on stop
 
 
 class Instance:
@@ -107,10 +102,12 @@ def tcp_ready(port: int) -> Callable[[], asyncio.Future]:
     return check
 
 
-def app_spec(service: Service, index: int, port: int, env: dict[str, str], cwd: str) -> ProcessSpec:
+def app_spec(service: Service, index: int, port: int, env: dict[str, str], cwd: str,
+             ready_port: int | None = None) -> ProcessSpec:
+    checked = ready_port or port
     ready = {
-        "http": lambda: http_ready(port, service.health),
-        "tcp": lambda: tcp_ready(port),
+        "http": lambda: http_ready(checked, service.health),
+        "tcp": lambda: tcp_ready(checked),
         "process": lambda: None,
     }[service.ready]()
     return ProcessSpec(

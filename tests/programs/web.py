@@ -1,6 +1,8 @@
 """A small HTTP service for the supervisor tests; its behaviour comes from flags.
 
   GET  /bytes/N     N bytes of a repeating pattern (streamed, Content-Length)
+  GET  /sleep/S     answers after S seconds
+  GET  /openapi.json  a small OpenAPI document with one path under $SERVICE_ROUTE
   GET  anything     {"pid": ..., "path": ..., "headers": {...}}
   POST anything     {"pid": ..., "length": ..., "sha256": ...} of the body (streamed)
 
@@ -29,8 +31,22 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as real apps do
 
     def do_GET(self):
-        if self.path.startswith("/bytes/"):
-            size = int(self.path.split("/")[2])
+        # Markers may follow a route prefix (/api/v1/x/sleep/2): the gateway passes full paths.
+        if "/sleep/" in self.path:
+            time.sleep(float(self.path.split("/sleep/")[1].split("/")[0]))
+        if self.path == "/openapi.json":
+            name = os.environ.get("SERVICE_NAME", "web")
+            route = os.environ.get("SERVICE_ROUTE", "")
+            self._json({
+                "openapi": "3.0.3",
+                "info": {"title": f"{name} service", "version": "1"},
+                "paths": {f"{route}/things": {"get": {"summary": f"list {name} things",
+                                                        "responses": {"200": {"description": "ok"}}}}},
+                "components": {"schemas": {"Thing": {"type": "object", "title": name}}},
+            })
+            return
+        if "/bytes/" in self.path:
+            size = int(self.path.split("/bytes/")[1].split("/")[0])
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(size))

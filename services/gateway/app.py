@@ -1,0 +1,191 @@
+"""The API gateway: the single entry point for HTTP clients.
+
+Requests under a routed prefix go through the shared relay to a passing instance of the
+service (its sidecar), with retries, timeouts, ejection, X-Forwarded-*, request ids and
+WebSocket pass-through. The gateway's own endpoints (/health, /metrics, /api-docs) are
+served by a small aiohttp app on a private port that the relay routes to like any
+instance, so the hot path has a single shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import swagger_ui_bundle
+from aiohttp import web
+
+from services.gateway.openapi import OpenApiMerger
+from services.gateway.routes import RouteTable
+from shared.balancing import Balancer
+from shared.consul import make_client
+from shared.relay import Relay, RelaySettings, Route
+from shared.telemetry import AccessLog, RelayMetrics
+from sidecar.registration import Registration
+
+log = logging.getLogger("meshvisor.gateway")
+
+OWN_PREFIXES = (b"/health", b"/metrics", b"/api-docs")
+SWAGGER_DIR = Path(swagger_ui_bundle.swagger_ui_path)
+SWAGGER_INDEX = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="UTF-8">
+  <title>meshvisor API</title>
+  <link rel="stylesheet" type="text/css" href="swagger-ui.css">
+  <link rel="icon" type="image/png" href="favicon-32x32.png" sizes="32x32">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="swagger-ui-bundle.js" charset="UTF-8"></script>
+  <script src="swagger-ui-standalone-preset.js" charset="UTF-8"></script>
+  <script src="swagger-initializer.js" charset="UTF-8"></script>
+</body>
+</html>
+"""
+SWAGGER_INITIALIZER = """window.onload = function () {
+  window.ui = SwaggerUIBundle({
+    url: "/api-docs/openapi.json",
+    dom_id: "#swagger-ui",
+    deepLinking: true,
+    presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+    layout: "StandaloneLayout"
+  });
+};
+"""
+
+
+class Settings:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        self.host = env.get("HOST", "127.0.0.1")
+        self.port = int(env.get("PORT", "3000"))
+        self.admin_port = int(env.get("ADMIN_PORT", "0"))
+        self.reuse_port = env.get("REUSE_PORT") == "1"
+        self.service = env.get("SERVICE_NAME", "gateway")
+        self.index = int(env.get("INSTANCE_INDEX", "1"))
+        self.consul_address = env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
+        self.consul_token = env.get("CONSUL_HTTP_TOKEN", "")
+        self.register = env.get("GATEWAY_REGISTER", "1") != "0"
+        self.max_body = int(env.get("GATEWAY_MAX_BODY", str(10 * 1024 * 1024)))
+        self.connect_timeout = float(env.get("GATEWAY_CONNECT_TIMEOUT", "2"))
+        self.request_timeout = float(env.get("GATEWAY_REQUEST_TIMEOUT", "30"))
+        self.retries = int(env.get("GATEWAY_RETRIES", "2"))
+        self.access_log = env.get("GATEWAY_ACCESS_LOG", "1") != "0"
+        self.drain_seconds = float(env.get("GATEWAY_DRAIN_SECONDS", "1"))
+        node = env.get("CONSUL_NODE") or socket.gethostname()
+        self.service_id = env.get("SERVICE_ID") or f"{self.service}-{node}-{self.index}"
+
+    @property
+    def instance(self) -> str:
+        return f"{self.service}.{self.index}"
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.metrics = RelayMetrics("gateway")
+        self.access_log = AccessLog(settings.service, settings.instance) if settings.access_log else None
+        self._stop = asyncio.Event()
+
+    def _route(self, name: str, balancer: Balancer) -> Route:
+        return Route(name, balancer, connect_timeout=self.s.connect_timeout,
+                     request_timeout=self.s.request_timeout, retries=self.s.retries)
+
+    def route_for(self, method: bytes, target: bytes) -> Route | None:
+        for prefix in OWN_PREFIXES:
+            if target.startswith(prefix):
+                rest = target[len(prefix):len(prefix) + 1]
+                if not rest or rest in b"/?":
+                    return self.own_route
+        return self.table.match(target)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        s = self.s
+        self.consul = make_client(s.consul_address, s.consul_token)
+        self.openapi = None
+        self.table = RouteTable(self.consul, self._route, on_change=lambda: self.openapi and self.openapi.invalidate())
+        self.openapi = OpenApiMerger(self.table)
+        own = await self._start_own_app()
+        self.own_route = self._route("gateway", Balancer("gateway", eject_after=1_000_000))
+        self.own_route.balancer.update([("own", "127.0.0.1", own, {})])
+        await self.table.start()
+        relay = Relay(
+            RelaySettings("gateway", forwarded=True, echo_request_id=True, max_body=s.max_body),
+            self.route_for, self.metrics, self.access_log,
+        )
+        server = await loop.create_server(relay.protocol, s.host, s.port, reuse_port=s.reuse_port or None,
+                                          backlog=2048)
+        log.info("gateway listening on %s:%s (own endpoints on 127.0.0.1:%s)", s.host, s.port, own)
+        registration = None
+        if s.register:
+            registration = Registration(
+                self.consul, service_id=s.service_id, name=s.service, address=s.host if s.host != "0.0.0.0"
+                else "127.0.0.1", port=s.port, meta={"instance": str(s.index), "role": "gateway"},
+                check_url=f"http://127.0.0.1:{own}/health", log=log,
+            )
+            await registration.register("passing")
+            anti_entropy = loop.create_task(registration.run_anti_entropy())
+        await self._stop.wait()
+        if registration is not None:
+            anti_entropy.cancel()
+            await registration.deregister()
+            await asyncio.sleep(s.drain_seconds)  # let other watchers see it
+        server.close()
+        relay.start_draining()
+        await relay.wait_idle(10)
+        relay.close()
+        await self.table.stop()
+        if self.access_log is not None:
+            self.access_log.flush()
+        await self._own_runner.cleanup()
+        await self.consul.close()
+
+    # -- the gateway's own endpoints -----------------------------------------------------
+
+    async def _start_own_app(self) -> int:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/api-docs", self._docs_redirect)
+        app.router.add_get("/api-docs/", self._docs_index)
+        app.router.add_get("/api-docs/openapi.json", self._openapi)
+        app.router.add_get("/api-docs/swagger-initializer.js", self._initializer)
+        app.router.add_static("/api-docs/", SWAGGER_DIR, show_index=False, follow_symlinks=False)
+        self._own_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._own_runner.setup()
+        site = web.TCPSite(self._own_runner, "127.0.0.1", self.s.admin_port)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "status": 200,
+            "message": "API Gateway is running",
+            "timestamp": int(time.time() * 1000),
+            "instance": self.s.instance,
+            "routes": self.table.summary(),
+        })
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _docs_redirect(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/api-docs/")
+
+    async def _docs_index(self, request: web.Request) -> web.Response:
+        return web.Response(text=SWAGGER_INDEX, content_type="text/html")
+
+    async def _initializer(self, request: web.Request) -> web.Response:
+        return web.Response(text=SWAGGER_INITIALIZER, content_type="application/javascript")
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.openapi.document())

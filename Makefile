@@ -7,7 +7,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.meshvisor-installed
 CONSUL  := .tools/consul/usr/bin/consul
 
-.PHONY: setup start test bench-sidecar clean-state consul postgres wrk
+.PHONY: setup start test bench-sidecar bench-gateway clean-state consul postgres wrk proxies
 
 setup: $(STAMP) consul postgres
 
@@ -33,6 +33,14 @@ wrk:
 
 bench-sidecar: setup wrk
 	@$(VENV)/bin/python -m bench.sidecar $(BENCH_ARGS)
+
+proxies: wrk
+	@command -v nginx >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 || { echo "meshvisor: installing nginx and HAProxy with apt" >&2; \
+	  DEBIAN_FRONTEND=noninteractive apt-get -qq install -y nginx-light haproxy >/dev/null; }
+	@[ -d bench/node-proxy/node_modules ] || (cd bench/node-proxy && npm ci --no-audit --no-fund --silent)
+
+bench-gateway: setup proxies
+	@$(VENV)/bin/python -m bench.gateway $(BENCH_ARGS)
 
 clean-state:
 	rm -rf .state

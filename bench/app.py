@@ -11,7 +11,6 @@ async def hello(request: web.Request) -> web.Response:
 
 
 app = web.Application()
-app.router.add_get("/", hello)
-app.router.add_get("/health", hello)
+app.router.add_get("/{tail:.*}", hello)  # any path: behind the gateway it sees /api/v1/bench/
 uvloop.install()
 web.run_app(app, host="127.0.0.1", port=int(os.environ["PORT"]), access_log=None, print=None)

@@ -112,6 +112,7 @@ class Path_:
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
+    cpu_each: list[list[float]] = field(default_factory=list)  # per proxy process, per round
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -146,20 +147,41 @@ def measure(paths: list[Path_], rounds: int, seconds: float) -> None:
             path.p50.append(p50)
             path.p99.append(p99)
             if path.proxies:
-                path.cpu_us.append(sum(a - b for a, b in zip(after, before)) / total * 1e6)
+                each = [(a - b) / total * 1e6 for a, b in zip(after, before)]
+                path.cpu_us.append(sum(each))
+                path.cpu_each.append(each)
         print(f"round {number}/{rounds}: " + ", ".join(f"{p.name} {p.rps[-1]:.0f} req/s" for p in paths),
               file=sys.stderr)
 
 
-def table(paths: list[Path_], baseline: Path_) -> str:
-    med = statistics.median
-    rows = [("path", "req/s", "p50 ms", "p99 ms", "proxy CPU us/req", "req/s vs direct", "p50 vs direct")]
+def reset(paths: list[Path_]) -> None:
     for p in paths:
-        rows.append((
+        for series in (p.rps, p.p50, p.p99, p.cpu_us, p.cpu_each):
+            series.clear()
+
+
+def per_proxy(path: Path_) -> list[float]:
+    """Median CPU us/req of each proxy process of a path."""
+    return [statistics.median(r[i] for r in path.cpu_each) for i in range(len(path.proxies))]
+
+
+def table(paths: list[Path_], baseline: Path_, second: Path_ | None = None) -> str:
+    """Medians per path; ratios against `baseline` (and `second`, e.g. nginx, if given)."""
+    med = statistics.median
+    head = ["path", "req/s", "p50 ms", "p99 ms", "proxy CPU us/req", "req/s vs direct"]
+    if second is not None:
+        head += [f"req/s vs {second.name.split()[0]}", f"CPU vs {second.name.split()[0]}"]
+    rows = [tuple(head)]
+    for p in paths:
+        row = [
             p.name, f"{med(p.rps):.0f}", f"{med(p.p50):.2f}", f"{med(p.p99):.2f}",
             f"{med(p.cpu_us):.1f}" if p.cpu_us else "-",
-            f"{med(p.rps) / med(baseline.rps):.2f}x", f"{med(p.p50) / med(baseline.p50):.2f}x",
-        ))
+            f"{med(p.rps) / med(baseline.rps):.2f}x",
+        ]
+        if second is not None:
+            row.append(f"{med(p.rps) / med(second.rps):.2f}x")
+            row.append(f"{med(p.cpu_us) / med(second.cpu_us):.2f}x" if p.cpu_us and second.cpu_us else "-")
+        rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -14,7 +14,7 @@ import argparse
 import datetime
 import sys
 
-from bench.harness import Path_, Processes, consul_dev_agent, free_port, machine, measure, table, wait_http
+from bench.harness import Path_, Processes, consul_dev_agent, free_port, machine, measure, reset, table, wait_http
 
 
 def main() -> None:
@@ -53,8 +53,7 @@ def main() -> None:
         ]
         print(f"warming up, then {args.rounds} rounds of {args.seconds:g}s per path", file=sys.stderr)
         measure(paths, 1, 2)  # warm-up round, discarded
-        for p in paths:
-            p.rps.clear(), p.p50.clear(), p.p99.clear(), p.cpu_us.clear()
+        reset(paths)
         measure(paths, args.rounds, args.seconds)
         print(f"\nsidecar benchmark, {datetime.date.today()}, {machine()}, wrk -t1 -c50, "
               f"{args.rounds} rounds x {args.seconds:g}s, medians; access log {'off' if args.no_access_log else 'on'}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 _REQUEST_ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
 _HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
                b"proxy-authorization", b"proxy-authenticate")
+_HOP_RE = re.compile(rb"\r\n(" + b"|".join(_HOP_BY_HOP) + rb"):")
 
 _NONE, _LENGTH, _CHUNKED, _EOF = 0, 1, 2, 3
 DEADLINE_SWEEP = 0.1  # request timeouts are enforced to within this many seconds
@@ -828,7 +830,8 @@ def _drop_headers(head: bytes, names: tuple[bytes, ...]) -> bytes:
 
 def _forwarding(head: bytes, lower: bytes, extra: bytes, peer: str, upgrade: bool) -> tuple[bytes, bytes]:
     """X-Forwarded-* for the instance; hop-by-hop headers are the proxy's, not the app's."""
-    hop = tuple(h for h in _HOP_BY_HOP if b"\r\n" + h + b":" in lower)
+    # One C-level scan finds out whether any hop-by-hop header is there (rarely).
+    hop = tuple(dict.fromkeys(m.group(1) for m in _HOP_RE.finditer(lower))) if _HOP_RE.search(lower) else ()
     if upgrade:  # a WebSocket handshake needs its Connection/Upgrade headers end to end
         hop = tuple(h for h in hop if h not in (b"connection", b"upgrade"))
     xff = _header(lower, head, b"x-forwarded-for")

@@ -143,7 +143,7 @@ def _new_id() -> str:
 class ClientSide(asyncio.Protocol):
     """A connection from a client; relays one request at a time to an instance."""
 
-    __slots__ = ("fresh_only", "attempts", "backend", "body_mode", "body_seen", "buf", "busy", "closed", "connecting",
+    __slots__ = ("fresh_only", "paused_upstream", "attempts", "backend", "body_mode", "body_seen", "buf", "busy", "closed", "connecting",
                  "deadline", "head_out", "is_head", "keep_alive", "last_active", "method", "parser", "peer",
                  "pending", "pending_size", "reading_paused", "relay", "remaining", "replay", "replay_size",
                  "req_done", "request_id", "response_started", "route", "sent_any", "started", "status",
@@ -159,6 +159,7 @@ class ClientSide(asyncio.Protocol):
         self.tunnel: UpstreamSide | None = None
         self.peer = ""
         self.reading_paused = False
+        self.paused_upstream: UpstreamSide | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -240,14 +241,18 @@ class ClientSide(asyncio.Protocol):
             self.busy = False
 
     def pause_writing(self) -> None:
+        # The client reads slower than the instance sends: stop reading the instance.
         up = self.upstream if self.tunnel is None else self.tunnel
-        if up is not None and up.transport is not None:
-            up.transport.pause_reading()
+        if up is not None:
+            up.pause_reading()
+            self.paused_upstream = up
 
     def resume_writing(self) -> None:
-        up = self.upstream if self.tunnel is None else self.tunnel
-        if up is not None and up.transport is not None:
-            up.transport.resume_reading()
+        # Resume the connection we paused, even if its response has completed since.
+        up = self.paused_upstream
+        self.paused_upstream = None
+        if up is not None:
+            up.resume_reading()
 
     # httptools callback (chunked request bodies only)
     def on_message_complete(self) -> None:
@@ -593,7 +598,7 @@ class ClientSide(asyncio.Protocol):
 class UpstreamSide(asyncio.Protocol):
     """A keep-alive connection to one instance, relaying one response at a time."""
 
-    __slots__ = ("backend", "buf", "client", "closed", "done", "head_done", "is_head", "keep_alive", "mode",
+    __slots__ = ("reading_paused", "backend", "buf", "client", "closed", "done", "head_done", "is_head", "keep_alive", "mode",
                  "parser", "relay", "remaining", "reused", "transport", "tunnelled")
 
     def __init__(self, relay: Relay, backend: Backend) -> None:
@@ -612,6 +617,7 @@ class UpstreamSide(asyncio.Protocol):
         self.keep_alive = True
         self.is_head = False
         self.tunnelled = False
+        self.reading_paused = False
 
     @property
     def usable(self) -> bool:
@@ -623,8 +629,21 @@ class UpstreamSide(asyncio.Protocol):
         self.done = False
         self.is_head = is_head
 
+    def pause_reading(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
     def release(self) -> None:
         """Back into the instance's pool of idle connections (or closed if not wanted)."""
+        # The last write of a response can fill the client's buffer and pause us; a
+        # pooled connection must read, or the next response on it is never seen.
+        self.resume_reading()
         backend = self.backend
         if (self.closed or backend.removed or self.relay.draining
                 or len(backend.idle) >= self.relay.settings.max_idle_per_backend):

@@ -77,7 +77,7 @@ def main() -> None:
         tmp = Path(procs.tmp)
         consul = consul_dev_agent(procs)
         app_port = free_port()
-        app = procs.start([sys.executable, "bench/app.py"], {"PORT": str(app_port)}, name="app")
+        procs.start([sys.executable, "bench/app.py"], {"PORT": str(app_port)}, name="app")
         wait_http(f"http://127.0.0.1:{app_port}/health")
 
         public, admin = free_port(), free_port()

@@ -24,7 +24,7 @@ from supervisor.infra import postgres as postgres_infra
 from supervisor.instance import Instance, InstancePorts, app_spec, sidecar_spec
 from supervisor.logs import Printer, ProcessLog, RotatingFile, timestamp
 from supervisor.ports import PortAllocator, PortsExhausted
-from supervisor.process import Process, ProcessSpec, State
+from supervisor.process import Process, ProcessSpec
 from supervisor.service import ServiceGroup
 from supervisor.watchdog import Watchdog
 

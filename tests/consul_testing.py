@@ -4,9 +4,6 @@ and a stand-in app whose /health can be flipped between 200 and 500."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-import tempfile
 import time
 
 import aiohttp
@@ -14,27 +11,15 @@ import pytest
 from aiohttp import web
 
 from shared.consul import make_client
-from supervisor.infra.consul import find_binary
-from tests.helpers import ROOT, free_port, free_ports
+from tests.helpers import ConsulDevAgent, free_port
 
 
-class DevAgent:
-    """A Consul dev agent of one test: in memory, so a restart forgets every registration."""
-
-    def __init__(self) -> None:
-        self.http_port, self.server_port, self.serf_port = free_ports(3)
-        self.address = f"127.0.0.1:{self.http_port}"
-        self._cwd = tempfile.mkdtemp(prefix="meshvisor-consul-test-")
-        self._proc: subprocess.Popen | None = None
+class DevAgent(ConsulDevAgent):
+    """The dev agent of tests.helpers with an async face: `start` only launches (the test
+    times how long the agent takes to answer), waiting and stopping do not block the loop."""
 
     def start(self) -> None:
-        self._proc = subprocess.Popen(
-            [find_binary(ROOT), "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
-             "-http-port", str(self.http_port), "-server-port", str(self.server_port),
-             "-serf-lan-port", str(self.serf_port), "-serf-wan-port", "-1", "-dns-port", "-1",
-             "-hcl", "ports { grpc = -1 }", "-log-level", "warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self._cwd,
-        )
+        self.launch()
 
     async def wait_http(self, timeout: float = 30.0) -> float:
         """Wait until the HTTP API answers; returns the monotonic time it did."""
@@ -44,21 +29,10 @@ class DevAgent:
         return await self._poll("/v1/status/leader", lambda body: body.strip('"\n') != "", timeout)
 
     async def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 10)
+        await asyncio.to_thread(self.terminate)
 
     def cleanup(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait(10)
-        shutil.rmtree(self._cwd, ignore_errors=True)
+        self.close()
 
     async def _poll(self, path: str, good, timeout: float) -> float:
         deadline = time.monotonic() + timeout

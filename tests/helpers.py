@@ -182,13 +182,17 @@ class ConsulDevAgent:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> None:
+        """Launch and wait until it has a leader."""
+        self.launch()
+        wait_for(self.leader, timeout, interval=0.1, what="consul dev agent leader")
+
+    def launch(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
              "-http-port", str(self.http), "-server-port", str(self.server), "-serf-lan-port", str(self.serf),
              "-serf-wan-port", "-1", "-dns-port", "-1", "-hcl", "ports { grpc = -1 }", "-log-level", "warn"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir,
         )
-        wait_for(self.leader, timeout, interval=0.1, what="consul dev agent leader")
 
     def leader(self) -> bool:
         try:
@@ -203,6 +207,9 @@ class ConsulDevAgent:
             return json.loads(resp.read())
 
     def stop(self) -> None:
+        self.terminate()
+
+    def terminate(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
             try:
@@ -220,5 +227,34 @@ class ConsulDevAgent:
         return [e["Service"] for e in self.get(f"/v1/health/service/{service}?passing=true")]
 
     def close(self) -> None:
-        self.stop()
+        self.terminate()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def mesh_project(consul: str, services: dict[str, str], *, gateway_port: int | None = None,
+                 gateway_env: str = "", drain_seconds: float = 0.5) -> Project:
+    """A stack on an external Consul agent: tests/programs/web.py for every service in
+    `services` (name -> extra TOML lines of its table), each behind a sidecar, and the
+    gateway on `gateway_port` if given."""
+    low, high = free_range(80)
+    procfile = f"gateway: {PY} -m services.gateway\n" if gateway_port else ""
+    procfile += "".join(f"{name}: {PY} {PROGRAMS / 'web.py'}\n" for name in services)
+    tables = "".join(f"[services.{name}]\ndrain_seconds = {drain_seconds}\n{extra}\n"
+                     for name, extra in services.items())
+    if gateway_port:
+        tables = (f"[services.gateway]\nport = {gateway_port}\nsidecar = false\nhealth = \"/health\"\n"
+                  f"env = {{ GATEWAY_DRAIN_SECONDS = \"0.3\" {gateway_env} }}\n\n") + tables
+    return Project(procfile, f"""
+[supervisor]
+port_range = [{low}, {high}]
+start_timeout = 20.0
+
+[restart]
+backoff_initial = 0.2
+backoff_max = 1.0
+
+[consul]
+mode = "external"
+address = "{consul}"
+
+{tables}""")

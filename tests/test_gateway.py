@@ -14,15 +14,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from tests.helpers import PROGRAMS, PY, ConsulDevAgent, Project, free_port, free_range, wait_for
-
-
-@pytest.fixture
-def agent():
-    a = ConsulDevAgent()
-    a.start()
-    yield a
-    a.close()
+from tests.helpers import Project, free_port, mesh_project, wait_for
 
 
 @pytest.fixture
@@ -30,31 +22,8 @@ def make_stack(agent):
     made = []
 
     def make(services: dict[str, str], gateway_env: str = "") -> Project:
-        low, high = free_range(80)
         port = free_port()
-        procfile = f"gateway: {PY} -m services.gateway\n" + "".join(
-            f"{name}: {PY} {PROGRAMS / 'web.py'}\n" for name in services)
-        tables = "".join(f"[services.{name}]\ndrain_seconds = 0.5\n{extra}\n" for name, extra in services.items())
-        p = Project(procfile, f"""
-[supervisor]
-port_range = [{low}, {high}]
-start_timeout = 20.0
-
-[restart]
-backoff_initial = 0.2
-backoff_max = 1.0
-
-[consul]
-mode = "external"
-address = "{agent.address}"
-
-[services.gateway]
-port = {port}
-sidecar = false
-health = "/health"
-env = {{ GATEWAY_DRAIN_SECONDS = "0.3" {gateway_env} }}
-
-{tables}""")
+        p = mesh_project(agent.address, services, gateway_port=port, gateway_env=gateway_env)
         p.url = f"http://127.0.0.1:{port}"
         made.append(p)
         return p

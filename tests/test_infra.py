@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import stat
 import urllib.request
 
@@ -76,7 +75,7 @@ def test_embedded_consul_and_postgres(stack):
     # PostgreSQL: each instance got a DATABASE_URL for its own database and role.
     env_auth = instance_env(rows["auth.1"]["pid"])
     env_shop = instance_env(rows["shop.2"]["pid"])
-    assert env_auth["DATABASE_URL"].startswith(f"postgresql://auth:")
+    assert env_auth["DATABASE_URL"].startswith("postgresql://auth:")
     assert f"@127.0.0.1:{p.pg}/auth?application_name=auth.1" in env_auth["DATABASE_URL"]
     assert "application_name=shop.2" in env_shop["DATABASE_URL"]
     assert env_auth["CONSUL_HTTP_ADDR"] == f"127.0.0.1:{p.http}"

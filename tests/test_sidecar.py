@@ -12,15 +12,7 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.helpers import PROGRAMS, PY, ConsulDevAgent, Project, alive, free_range, wait_for
-
-
-@pytest.fixture
-def agent():
-    a = ConsulDevAgent()
-    a.start()
-    yield a
-    a.close()
+from tests.helpers import Project, alive, mesh_project, wait_for
 
 
 @pytest.fixture
@@ -29,23 +21,7 @@ def make_mesh(agent):
 
     def make(services: dict[str, str]) -> Project:
         """services: name -> extra TOML lines; every service runs tests/programs/web.py."""
-        low, high = free_range(60)
-        procfile = "".join(f"{name}: {PY} {PROGRAMS / 'web.py'}\n" for name in services)
-        tables = "".join(f"[services.{name}]\ndrain_seconds = 1.0\n{extra}\n" for name, extra in services.items())
-        p = Project(procfile, f"""
-[supervisor]
-port_range = [{low}, {high}]
-start_timeout = 20.0
-
-[restart]
-backoff_initial = 0.2
-backoff_max = 1.0
-
-[consul]
-mode = "external"
-address = "{agent.address}"
-
-{tables}""")
+        p = mesh_project(agent.address, services, drain_seconds=1.0)
         made.append(p)
         return p
 

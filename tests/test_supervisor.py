@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import PROGRAMS, PY, Project, alive, free_port, free_range, wait_for
+from tests.helpers import PROGRAMS, PY, Project, alive, free_range, wait_for
 
 
 def project(consul: str, services: dict[str, tuple[str, str]], extra: str = "") -> Project:

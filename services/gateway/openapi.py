@@ -37,9 +37,10 @@ class OpenApiMerger:
         async with self._lock:
             if self._merged is None or time.monotonic() - self._built_at > self.max_age:
                 await self._refresh()
+                routed = self.table.routed()
                 self._merged = merge(self.title, {
                     name: (self.table.prefixes.get(name, ""), doc) for name, doc in self._docs.items()
-                    if name in self.table.routes
+                    if name in routed
                 })
                 self._built_at = time.monotonic()
             return self._merged
@@ -47,7 +48,7 @@ class OpenApiMerger:
     async def _refresh(self) -> None:
         timeout = aiohttp.ClientTimeout(total=3)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            await asyncio.gather(*(self._fetch(session, name) for name in list(self.table.routes)))
+            await asyncio.gather(*(self._fetch(session, name) for name in self.table.routed()))
 
     async def _fetch(self, session: aiohttp.ClientSession, service: str) -> None:
         for endpoint in self.table.endpoints.get(service, ()):

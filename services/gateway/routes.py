@@ -56,6 +56,10 @@ class RouteTable:
                     return route
         return None
 
+    def routed(self) -> set[str]:
+        """Names of the services the table serves now."""
+        return {route.name for _, route in self.table}
+
     def summary(self) -> dict[str, dict]:
         """{prefix: {"service", "instances"}} for /health."""
         return {
@@ -83,6 +87,8 @@ class RouteTable:
         self._rebuild()
 
     def _instances_changed(self, name: str, endpoints: tuple[Endpoint, ...]) -> None:
+        if name not in self.watches:  # a last update from a watch of a service that left
+            return
         self.endpoints[name] = endpoints
         routes = Counter(e.meta.get("route", "") for e in endpoints if e.meta.get("route"))
         if routes:

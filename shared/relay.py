@@ -263,7 +263,7 @@ class ClientSide(asyncio.Protocol):
     def _next_request(self) -> None:
         buf = self.buf
         end = buf.find(b"\r\n\r\n")
-        if end < 0:
+        if end < 0 or end + 4 > MAX_HEAD:
             if len(buf) > MAX_HEAD:
                 self._reply(431, "request head too large", close=True)
             return

@@ -294,8 +294,12 @@ class ClientSide(asyncio.Protocol):
             return
         self.method, self.target = parts[0], parts[1]
         self.is_head = self.method == b"HEAD"
-        self.keep_alive = parser.should_keep_alive()
         lower = head.lower()
+        connection = _header(lower, lower, b"connection")
+        if parts[2] == b"HTTP/1.1":
+            self.keep_alive = connection is None or b"close" not in connection
+        else:
+            self.keep_alive = connection is not None and b"keep-alive" in connection
         settings = self.relay.settings
 
         # Framing of the request body.

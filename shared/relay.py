@@ -37,6 +37,7 @@ PENDING_LIMIT = 256 * 1024  # body bytes held while connecting before we stop re
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 # Characters a client-supplied X-Request-Id may use (it ends up in logs and headers).
 _REQUEST_ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
+_HEX = b"0123456789abcdef"
 _HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
                b"proxy-authorization", b"proxy-authenticate")
 _HOP_RE = re.compile(rb"\r\n(" + b"|".join(_HOP_BY_HOP) + rb"):")
@@ -335,8 +336,10 @@ class ClientSide(asyncio.Protocol):
             if settings.request_id:
                 extra += b"X-Request-Id: " + self.request_id.encode() + b"\r\n"
         if settings.traceparent and b"\r\ntraceparent:" not in lower:
-            extra += b"traceparent: 00-%s-%016x-01\r\n" % (self.request_id.encode() if len(self.request_id) == 32
-                                                             else _new_id().encode(), random.getrandbits(64))
+            trace_id = self.request_id.encode()
+            if len(trace_id) != 32 or trace_id.translate(None, _HEX) or not trace_id.strip(b"0"):
+                trace_id = _new_id().encode()
+            extra += b"traceparent: 00-%s-%016x-01\r\n" % (trace_id, random.getrandbits(64))
         if settings.forwarded:
             head, extra = _forwarding(head, lower, extra, self.peer, self.upgrade)
         if extra:

@@ -861,10 +861,10 @@ def _forwarding(head: bytes, lower: bytes, extra: bytes, peer: str, upgrade: boo
     if upgrade:  # a WebSocket handshake needs its Connection/Upgrade headers end to end
         hop = tuple(h for h in hop if h not in (b"connection", b"upgrade"))
     xff = _header(lower, head, b"x-forwarded-for")
+    host = _header(lower, head, b"host") or b""
     drop = hop + ((b"x-forwarded-for",) if xff is not None else ())
     if drop:
         head = _drop_headers(head, drop)
-    host = _header(lower, head, b"host") or b""
     chain = (xff + b", " if xff else b"") + peer.encode()
     extra += b"X-Forwarded-For: " + chain + b"\r\n"
     if b"\r\nx-forwarded-proto:" not in lower:

@@ -349,6 +349,7 @@ class ClientSide(asyncio.Protocol):
 
         route = self.relay.router(self.method, self.target)
         if route is None:
+            self.buf = rest
             self._reply(404, f"no route for {self.target.partition(b'?')[0].decode('latin-1')}",
                         close=not self.req_done)
             return

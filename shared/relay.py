@@ -695,6 +695,7 @@ class UpstreamSide(asyncio.Protocol):
             # methods (the instance may have processed the request before dying).
             client._attempt_failed("reset" if self.reused else "closed", retry_any_method=False)
         elif self.mode == _EOF:
+            client.keep_alive = False  # the client, too, can only see the end as a close
             client.response_complete(False)  # the body ended with the connection
         else:
             client.close()  # cut in the middle of a response: the client must see it

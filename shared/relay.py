@@ -145,7 +145,7 @@ class ClientSide(asyncio.Protocol):
     """A connection from a client; relays one request at a time to an instance."""
 
     __slots__ = ("fresh_only", "paused_upstream", "attempts", "backend", "body_mode", "body_seen", "buf", "busy", "closed", "connecting",
-                 "deadline", "head_out", "is_head", "keep_alive", "last_active", "method", "parser", "peer",
+                 "deadline", "eof", "head_out", "is_head", "keep_alive", "last_active", "method", "parser", "peer",
                  "pending", "pending_size", "reading_paused", "relay", "remaining", "replay", "replay_size",
                  "req_done", "request_id", "response_started", "route", "sent_any", "started", "status",
                  "target", "transport", "tried", "tunnel", "upgrade", "upstream")
@@ -161,6 +161,7 @@ class ClientSide(asyncio.Protocol):
         self.peer = ""
         self.reading_paused = False
         self.paused_upstream: UpstreamSide | None = None
+        self.eof = False
         self._reset()
 
     def _reset(self) -> None:
@@ -219,6 +220,7 @@ class ClientSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # A client half-closing after its request still wants the response.
+        self.eof = True
         return self.busy and self.req_done
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -567,6 +569,8 @@ class ClientSide(asyncio.Protocol):
             self._resume_reading()
         if self.buf:
             self._next_request()
+        if self.eof and not self.busy:
+            self.close()
 
     def _record(self, status: int) -> None:
         route_name = self.route.name if self.route is not None else "-"

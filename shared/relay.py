@@ -123,7 +123,7 @@ class Relay:
         now = self.loop.time()
         limit = self.settings.idle_timeout
         for conn in list(self.connections):
-            if not conn.busy and now - conn.last_active > limit:
+            if not conn.busy and conn.tunnel is None and now - conn.last_active > limit:
                 conn.close()
         self._idle_check = self.loop.call_later(limit / 2, self._close_idle_clients)
 

@@ -503,7 +503,7 @@ class ClientSide(asyncio.Protocol):
             return
         # Replayable: nothing went out yet, or everything that did is still in hand.
         can_replay = not self.sent_any or self.replay is not None
-        if (self.attempts < route.retries and can_replay
+        if (self.attempts < route.retries and can_replay and len(route.balancer.backends) > len(self.tried)
                 and (retry_any_method or self.method in IDEMPOTENT)):
             self.attempts += 1
             self.relay.metrics.retry(route.name)

@@ -144,11 +144,12 @@ def _new_id() -> str:
 class ClientSide(asyncio.Protocol):
     """A connection from a client; relays one request at a time to an instance."""
 
-    __slots__ = ("fresh_only", "paused_upstream", "attempts", "backend", "body_mode", "body_seen", "buf", "busy", "closed", "connecting",
-                 "deadline", "eof", "head_out", "is_head", "keep_alive", "last_active", "method", "parser", "peer",
-                 "pending", "pending_size", "reading_paused", "relay", "remaining", "replay", "replay_size",
-                 "req_done", "request_id", "response_started", "route", "sent_any", "started", "status",
-                 "target", "transport", "tried", "tunnel", "upgrade", "upstream")
+    __slots__ = ("attempts", "backend", "body_mode", "body_seen", "buf", "busy", "closed", "connecting",
+                 "deadline", "eof", "fresh_only", "head_out", "is_head", "keep_alive", "last_active",
+                 "method", "parser", "paused_upstream", "peer", "pending", "pending_size",
+                 "reading_paused", "relay", "remaining", "replay", "replay_size", "req_done",
+                 "request_id", "response_started", "route", "sent_any", "started", "status", "target",
+                 "transport", "tried", "tunnel", "upgrade", "upstream")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -610,8 +611,8 @@ class ClientSide(asyncio.Protocol):
 class UpstreamSide(asyncio.Protocol):
     """A keep-alive connection to one instance, relaying one response at a time."""
 
-    __slots__ = ("reading_paused", "backend", "buf", "client", "closed", "done", "head_done", "is_head", "keep_alive", "mode",
-                 "parser", "relay", "remaining", "reused", "transport", "tunnelled")
+    __slots__ = ("backend", "buf", "client", "closed", "done", "head_done", "is_head", "keep_alive", "mode",
+                 "parser", "reading_paused", "relay", "remaining", "reused", "transport", "tunnelled")
 
     def __init__(self, relay: Relay, backend: Backend) -> None:
         self.relay = relay

@@ -187,7 +187,9 @@ class ClientSide(asyncio.Protocol):
         self.status = 0
         self.upstream: UpstreamSide | None = None
         self.response_started = False
-        self.deadline = 0.0  # loop time by which the response head must arrive; 0: none
+        # Loop time by which the response head, or the next piece of its body, must
+        # arrive (request_timeout); 0: none, e.g. while the client is the slow side.
+        self.deadline = 0.0
         self.is_head = False
         self.upgrade = False
         self.body_seen = 0
@@ -250,6 +252,7 @@ class ClientSide(asyncio.Protocol):
         if up is not None:
             up.pause_reading()
             self.paused_upstream = up
+            self.deadline = 0.0  # the wait is the client's doing, not the instance's
 
     def resume_writing(self) -> None:
         # Resume the connection we paused, even if its response has completed since.
@@ -257,6 +260,8 @@ class ClientSide(asyncio.Protocol):
         self.paused_upstream = None
         if up is not None:
             up.resume_reading()
+            if self.busy and self.response_started and self.tunnel is None and self.route is not None:
+                self.deadline = self.relay.loop.time() + self.route.request_timeout
 
     # httptools callback (chunked request bodies only)
     def on_message_complete(self) -> None:
@@ -789,14 +794,16 @@ class UpstreamSide(asyncio.Protocol):
                 head = head[:line_end] + b"X-Request-Id: " + client.request_id.encode() + b"\r\n" + head[line_end:]
             client.status = status
             client.response_started = True
-            client.deadline = 0.0
             self.head_done = True
             if self.mode == _LENGTH and len(rest) <= self.remaining:
-                client.transport.write(head + rest if rest else head)  # the common case: one write
                 self.remaining -= len(rest)
+                if self.remaining:  # more body to come: bound the wait for it
+                    client.deadline = client.relay.loop.time() + client.route.request_timeout
+                client.transport.write(head + rest if rest else head)  # the common case: one write
                 if self.remaining == 0:
                     client.response_complete(self.keep_alive)
                 return
+            client.deadline = client.relay.loop.time() + client.route.request_timeout
             client.transport.write(head)
             if self.mode == _NONE:
                 client.response_complete(self.keep_alive and not rest)
@@ -804,7 +811,8 @@ class UpstreamSide(asyncio.Protocol):
             data = rest
             if not data:
                 return
-        # body
+        # body: an instance that stops sending mid-body is cut off after request_timeout
+        client.deadline = client.relay.loop.time() + client.route.request_timeout
         mode = self.mode
         if mode == _LENGTH:
             if len(data) >= self.remaining:

@@ -1005,6 +1005,64 @@ async def test_backend_too_slow_is_504():
     await scenario_request_timeout()
 
 
+async def test_backend_stalling_mid_body_is_cut_off():
+    """A head and part of the body, then silence: the client's connection is closed after
+    request_timeout instead of hanging (nginx's proxy_read_timeout)."""
+    release = asyncio.Event()
+
+    async def stalling(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        await release.wait()
+        writer.close()
+
+    server = await asyncio.start_server(stalling, "127.0.0.1", 0)
+    route = make_route(server.sockets[0].getsockname()[1], request_timeout=0.4)
+    try:
+        async with relay_stack(route) as stack:
+            reader, writer = await raw_client(stack.port)
+            started = time.monotonic()
+            writer.write(b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = await asyncio.wait_for(reader.read(), 5)  # until the relay closes
+            assert received.startswith(b"HTTP/1.1 200 OK") and received.endswith(b"x" * 10)
+            assert 0.35 < time.monotonic() - started < 3
+            await close_writer(writer)
+    finally:
+        release.set()
+        server.close()
+    await settled(route)
+
+
+async def test_slow_client_is_not_cut_off_by_the_body_timeout():
+    """The body timeout watches the instance only: a client pausing longer than the
+    timeout between reads (the relay then stops reading the instance) keeps going."""
+    size = 32 * 1024 * 1024  # more than the kernel buffers: the relay must pause the instance
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(size)})
+        await resp.prepare(request)
+        for _ in range(size // 65536):
+            await resp.write(b"y" * 65536)
+        return resp
+
+    async with http_backend(big) as port:
+        route = make_route(port, request_timeout=0.3)
+        async with relay_stack(route) as stack:
+            reader, writer = await raw_client(stack.port, rcvbuf=32768)
+            writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(0.6)  # twice the timeout before reading anything
+            got = 0
+            while got < size:
+                chunk = await asyncio.wait_for(reader.read(1 << 20), 5)
+                assert chunk, f"connection closed after {got} bytes"
+                got += len(chunk)
+            assert got == size
+            await close_writer(writer)
+        await settled(route)
+
+
 async def test_connect_timeout_is_504():
     # A listener whose accept queue is full never completes a handshake.
     listener = socket.socket()

@@ -112,3 +112,59 @@ def test_embedded_consul_and_postgres(stack):
 
     asyncio.run(still_there())
     assert p.log("postgres").count("initdb ") == 1
+
+
+def test_external_postgres_is_one_dsn_away(consul_agent):
+    """Project `b` uses the PostgreSQL server that project `a` runs, through an admin DSN
+    (here over its Unix socket): the supervisor provisions b's role and database there."""
+    pg = free_ports(1)[0]
+    low, high = free_range(20)
+    a = Project(f"a: {PY} {PROGRAMS / 'web.py'}\n", f"""
+[supervisor]
+port_range = [{low}, {high}]
+[consul]
+mode = "external"
+address = "{consul_agent}"
+[postgres]
+port = {pg}
+[services.a]
+database = "a"
+sidecar = false
+""")
+    b = None
+    try:
+        a.start(timeout=120)
+        socket_dir = a.state_dir / "postgres" / "run"
+        low2, high2 = free_range(20)
+        b = Project(f"b: {PY} {PROGRAMS / 'web.py'}\n", f"""
+[supervisor]
+port_range = [{low2}, {high2}]
+[consul]
+mode = "external"
+address = "{consul_agent}"
+[postgres]
+mode = "external"
+dsn = "postgresql://postgres@/postgres?host={socket_dir}&port={pg}"
+[services.b]
+database = "b"
+sidecar = false
+""")
+        b.start(timeout=60)
+        assert "postgres" not in {r["process"] for r in b.rows()}, "no embedded server in external mode"
+        url = instance_env(b.rows("b")[0]["pid"])["DATABASE_URL"]
+        assert url.startswith("postgresql://b:") and f"host={socket_dir}".replace("/", "%2F") in url
+
+        a_url = instance_env(a.rows("a")[0]["pid"])["DATABASE_URL"]
+
+        async def check():
+            conn = await asyncpg.connect(url)
+            assert await conn.fetchval("SELECT current_user || '@' || current_database()") == "b@b"
+            await conn.close()
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await asyncpg.connect(a_url.replace("/a?", "/b?"))
+
+        asyncio.run(check())
+    finally:
+        if b is not None:
+            b.cleanup()
+        a.cleanup()

@@ -23,7 +23,7 @@ import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import asyncpg
 
@@ -246,9 +246,16 @@ async def provision(config: Config, lay: Layout | None) -> dict[str, str]:
 
 
 def _dsn(config: Config, role: str, password: str, database: str) -> str:
+    """The service's DSN: its role and database, at the server's address.
+
+    For an external server the address is the admin DSN's, whether it names a host:port
+    or passes host/port as query parameters (a Unix socket folder, several hosts).
+    """
+    credentials = f"{quote(role, safe='')}:{quote(password, safe='')}"
     if config.postgres.mode == "embedded":
-        host, port = "127.0.0.1", config.postgres.port
-    else:
-        parts = urlsplit(config.postgres.dsn)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 5432
-    return f"postgresql://{quote(role)}:{quote(password)}@{host}:{port}/{quote(database)}"
+        return f"postgresql://{credentials}@127.0.0.1:{config.postgres.port}/{quote(database)}"
+    parts = urlsplit(config.postgres.dsn)
+    location = parts.netloc.rpartition("@")[2]
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("user", "password", "dbname", "database")]
+    suffix = f"?{urlencode(query)}" if query else ""
+    return f"{parts.scheme}://{credentials}@{location}/{quote(database)}{suffix}"

@@ -59,3 +59,41 @@ def error_response(status: int, message: str, request_id: str = "", *, close: bo
         + "\r\n"
     )
     return head.encode("latin-1") + body
+
+
+class ApiError(Exception):
+    """Raised by a handler to answer with the error shape: `raise ApiError(409, "email already registered")`.
+
+    The middleware of shared/web.py turns it into a response; `error` defaults to the
+    code of the status (e.g. 409 -> "conflict").
+    """
+
+    def __init__(self, status: int, message: str, error: str | None = None,
+                 details: list[dict] | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error = error or code_for(status)
+        self.details = details
+        self.headers = headers
+
+
+def validation_details(exc: msgspec.ValidationError) -> list[dict]:
+    """msgspec's message as `details`: [{"field": "email", "message": "Expected `str` ..."}].
+
+    msgspec reports where in the document it failed as a JSON path (`$.items[0].title`);
+    clients want the field name, so the `$.` prefix goes. For a missing or unknown field
+    msgspec names it in the message instead, at the path of the object that holds it.
+    """
+    text = str(exc)
+    message, sep, path = text.rpartition(" - at `")
+    if not sep:
+        message, path = text, "$"
+    path = path.rstrip("`")
+    field = path[2:] if path.startswith("$.") else path[1:]  # "$" -> "", "$[0]" -> "[0]"
+    for marker in ("missing required field `", "contains unknown field `"):
+        if marker in message:
+            name = message.split(marker, 1)[1].split("`", 1)[0]
+            field = f"{field}.{name}" if field else name
+            break
+    return [{"field": field, "message": message}]

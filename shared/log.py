@@ -3,17 +3,31 @@
 The supervisor files each process's stdout; a JSON line per event keeps those files
 greppable and machine-readable. Secrets never go in a message: callers log ids and
 kinds of errors, not headers, bodies or DSNs.
+
+Inside a service, the request being served is known through context variables set by
+the request middleware (shared/web.py): every line logged while serving it carries its
+`request_id`, so one grep follows a request across the gateway, sidecars and apps.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 import time
 
 import msgspec
 
-_encode = msgspec.json.Encoder().encode
+_encode = msgspec.json.Encoder(enc_hook=str).encode  # an odd extra value must not lose the line
+
+# Set per request by shared.web's middleware; each aiohttp request runs in its own task,
+# so these never leak from one request to another.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+traceparent: contextvars.ContextVar[str] = contextvars.ContextVar("traceparent", default="")
+
+# Extra fields whose values must never reach a log file, whatever a caller passes.
+SECRET_FIELDS = frozenset({"password", "new_password", "token", "access_token", "refresh_token",
+                           "authorization", "secret", "dsn", "cookie"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,9 +43,12 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             **self.fields,
         }
+        rid = request_id.get()
+        if rid:
+            entry["request_id"] = rid
         extra = getattr(record, "fields", None)
         if extra:
-            entry.update(extra)
+            entry.update({k: "[redacted]" if k.lower() in SECRET_FIELDS else v for k, v in extra.items()})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return _encode(entry).decode()

@@ -1,0 +1,185 @@
+"""The API contracts between the services and their clients, as msgspec Structs.
+
+Inputs (`...Request`, `ItemCreate`, `ItemUpdate`) forbid unknown fields, so a typo in a
+client is a 422 naming the field rather than a silently ignored value; their constraints
+(lengths, patterns, ranges) are checked by msgspec while decoding and also appear in the
+OpenAPI document. Outputs are plain Structs the handlers fill in.
+
+Secrets (passwords, refresh tokens) are left out of `repr`, so an input logged or shown
+in a traceback by mistake does not leak them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from typing import Annotated
+
+import msgspec
+
+# A pragmatic address check: local part, "@", a domain with at least one dot. Deliverability
+# is the mail server's business; this only keeps obvious garbage out.
+EMAIL_PATTERN = (r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
+                 r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+
+Email = Annotated[str, msgspec.Meta(pattern=EMAIL_PATTERN, max_length=254,
+                                    extra_json_schema={"format": "email"})]
+# Long enough to resist guessing, bounded so that hashing a huge body cannot pin a CPU.
+Password = Annotated[str, msgspec.Meta(min_length=8, max_length=128, extra_json_schema={"format": "password"})]
+# `\S`: at least one visible character (msgspec searches, it does not anchor), so a blank
+# name is a validation error naming the field; surrounding spaces are stripped after.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=r"\S")]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+Title = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"\S")]
+Description = Annotated[str, msgspec.Meta(max_length=5000)]
+PriceCents = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000_00)]
+Tag = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]*$", min_length=1, max_length=32)]
+Tags = Annotated[list[Tag], msgspec.Meta(max_length=20)]
+# msgspec leaves out `format` for datetimes (a naive one has no RFC 3339 form); ours come
+# from timestamptz columns and are aware, so the document may promise date-time.
+Timestamp = Annotated[datetime.datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+Limit = Annotated[int, msgspec.Meta(ge=1, le=100)]
+Offset = Annotated[int, msgspec.Meta(ge=0)]
+
+
+def _hidden(struct: msgspec.Struct, secret: str) -> str:
+    shown = ", ".join(f"{f}={getattr(struct, f)!r}" for f in struct.__struct_fields__ if f != secret)
+    return f"{type(struct).__name__}({shown}{', ' if shown else ''}{secret}='***')"
+
+
+def _clean_name(name: str) -> str:
+    return name.strip()  # never blank: the pattern of Name and Title wants a visible character
+
+
+# ---- users and tokens (auth) ----
+
+class RegisterRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    email: Email
+    password: Password
+    name: Name
+
+    def __post_init__(self) -> None:
+        self.email = self.email.lower()  # one account per address, whatever its case
+        self.name = _clean_name(self.name)
+
+    def __repr__(self) -> str:
+        return _hidden(self, "password")
+
+
+class LoginRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    email: Email
+    # No minimum here: a login with a short password is a wrong password (401), not a
+    # validation error that would tell the caller something about the rules.
+    password: Annotated[str, msgspec.Meta(min_length=1, max_length=128, extra_json_schema={"format": "password"})]
+
+    def __post_init__(self) -> None:
+        self.email = self.email.lower()
+
+    def __repr__(self) -> str:
+        return _hidden(self, "password")
+
+
+class RefreshRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    refresh_token: Token
+
+    def __repr__(self) -> str:
+        return _hidden(self, "refresh_token")
+
+
+class LogoutRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    refresh_token: Token
+
+    def __repr__(self) -> str:
+        return _hidden(self, "refresh_token")
+
+
+class TokenPair(msgspec.Struct, kw_only=True):
+    access_token: str
+    refresh_token: str
+    expires_in: Annotated[int, msgspec.Meta(description="Seconds until the access token expires")]
+    token_type: str = "Bearer"
+
+    def __repr__(self) -> str:
+        return f"TokenPair(token_type={self.token_type!r}, expires_in={self.expires_in!r}, ...)"
+
+
+class UserProfile(msgspec.Struct, kw_only=True):
+    id: uuid.UUID
+    email: str
+    name: str
+    created_at: Timestamp
+
+
+class PublicUser(msgspec.Struct, kw_only=True):
+    """What other services may know about a user: no email."""
+    id: uuid.UUID
+    name: str
+
+
+# ---- items (example) ----
+
+class ItemCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    title: Title
+    description: Description = ""
+    price_cents: PriceCents = 0
+    tags: Tags = []
+
+    def __post_init__(self) -> None:
+        self.title = _clean_name(self.title)
+
+
+class ItemUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A partial update: a field left out keeps its value (UNSET is not the same as null)."""
+    title: Title | msgspec.UnsetType = msgspec.UNSET
+    description: Description | msgspec.UnsetType = msgspec.UNSET
+    price_cents: PriceCents | msgspec.UnsetType = msgspec.UNSET
+    tags: Tags | msgspec.UnsetType = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        if self.title is not msgspec.UNSET:
+            self.title = _clean_name(self.title)
+
+    def changes(self) -> dict:
+        """The fields the client sent, by name."""
+        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not msgspec.UNSET}
+
+
+class Item(msgspec.Struct, kw_only=True):
+    id: uuid.UUID
+    owner_id: uuid.UUID
+    title: str
+    description: str
+    price_cents: int
+    tags: list[str]
+    created_at: Timestamp
+    updated_at: Timestamp
+    # None when auth could not be asked in time and the caller accepted a partial answer.
+    owner: PublicUser | None = None
+
+
+class ItemPage(msgspec.Struct, kw_only=True):
+    items: list[Item]
+    total: int
+    limit: int
+    offset: int
+
+
+class Pagination(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """`?limit=&offset=`; shared.web.query() decodes it from a request's query string."""
+    limit: Limit = 20
+    offset: Offset = 0
+
+
+# ---- the error shape (documentation of shared.errors.ErrorBody) ----
+
+class FieldError(msgspec.Struct, kw_only=True):
+    field: Annotated[str, msgspec.Meta(description="Path of the field in the body, e.g. `email` or `tags[2]`")]
+    message: str
+
+
+class Error(msgspec.Struct, kw_only=True, omit_defaults=True):
+    status: int
+    error: Annotated[str, msgspec.Meta(description="Machine-readable code, e.g. `validation_error`")]
+    message: str
+    request_id: str = ""
+    details: list[FieldError] | None = None

@@ -28,10 +28,12 @@ Email = Annotated[str, msgspec.Meta(pattern=EMAIL_PATTERN, max_length=254,
 Password = Annotated[str, msgspec.Meta(min_length=8, max_length=128, extra_json_schema={"format": "password"})]
 # `\S`: at least one visible character (msgspec searches, it does not anchor), so a blank
 # name is a validation error naming the field; surrounding spaces are stripped after.
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=r"\S")]
-Token = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
-Title = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"\S")]
-Description = Annotated[str, msgspec.Meta(max_length=5000)]
+# No NUL characters anywhere: JSON allows "\u0000" but PostgreSQL text cannot hold it, so
+# it must be a 422 here rather than a failed insert (500) later.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=r"^[^\x00]*[^\s\x00][^\x00]*$")]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
+Title = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]*[^\s\x00][^\x00]*$")]
+Description = Annotated[str, msgspec.Meta(max_length=5000, pattern=r"^[^\x00]*$")]
 PriceCents = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000_00)]
 Tag = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]*$", min_length=1, max_length=32)]
 Tags = Annotated[list[Tag], msgspec.Meta(max_length=20)]

@@ -114,12 +114,28 @@ async def errors(request: web.Request, handler):
     except msgspec.ValidationError as exc:  # a handler converting data itself
         return error_json(request, 422, "request validation failed", details=validation_details(exc))
     except Exception as exc:
+        token_status = _token_error_status(exc)
+        if token_status == 401:
+            return error_json(request, 401, exc.reason, headers={"WWW-Authenticate": "Bearer"})
+        if token_status == 503:  # auth's keys cannot be fetched: not the caller's fault
+            return error_json(request, 503, "auth unavailable", headers={"Retry-After": "1"})
         if _database_unavailable(exc):  # PostgreSQL down or restarting: retry later, not a bug
             log.warning("database unavailable in %s %s: %s", request.method, request.path, type(exc).__name__)
             return error_json(request, 503, "database unavailable", headers={"Retry-After": "1"})
         # The traceback is for the operator; the client learns only that it was our fault.
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_json(request, 500, "internal server error")
+
+
+def _token_error_status(exc: Exception) -> int | None:
+    """401 for a bad access token, 503 when the keys to check it cannot be had."""
+    from shared.tokens import InvalidToken, VerifierUnavailable
+
+    if isinstance(exc, InvalidToken):
+        return 401
+    if isinstance(exc, VerifierUnavailable):
+        return 503
+    return None
 
 
 def _database_unavailable(exc: Exception) -> bool:

@@ -429,7 +429,44 @@ def test_database_required_without_url(monkeypatch):
 
 
 def test_services_still_build(monkeypatch):
-    monkeypatch.delenv("DATABASE_URL", raising=False)
+    # Building connects to nothing; auth insists on being given a database.
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("UPSTREAM_AUTH_URL", "http://127.0.0.1:1")
     from services.auth.app import build as auth
     from services.example.app import build as example
     assert isinstance(auth(), web.Application) and isinstance(example(), web.Application)
+
+
+async def test_nul_characters_are_422_not_500(aiohttp_client):
+    from shared.types import RegisterRequest
+
+    async def handler(request):
+        await decode(request, RegisterRequest)
+        return web.Response(text="ok")
+
+    app = create_app("nul", database=False)
+    app.router.add_post("/r", handler)
+    client = await aiohttp_client(app)
+    resp = await client.post("/r", json={"email": "a@example.com", "password": "long enough", "name": "A\u0000B"})
+    body = await resp.json()
+    assert resp.status == 422 and body["details"][0]["field"] == "name"
+
+
+async def test_token_errors_map_to_401_and_503(aiohttp_client):
+    from shared.tokens import InvalidToken, VerifierUnavailable
+
+    async def bad_token(request):
+        raise InvalidToken("token expired")
+
+    async def no_keys(request):
+        raise VerifierUnavailable("jwks unreachable")
+
+    app = create_app("tok", database=False)
+    app.router.add_get("/bad", bad_token)
+    app.router.add_get("/down", no_keys)
+    client = await aiohttp_client(app)
+    resp = await client.get("/bad")
+    assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+    assert (await resp.json())["message"] == "token expired"
+    resp = await client.get("/down")
+    assert resp.status == 503 and (await resp.json())["error"] == "service_unavailable"

@@ -168,3 +168,25 @@ async def test_openapi_lists_every_endpoint(client):
     assert doc["openapi"] == "3.0.3"
     for path in ("register", "login", "refresh", "logout", "me", "users/{id}", ".well-known/jwks.json"):
         assert f"{P}/{path}" in doc["paths"], path
+
+
+async def test_login_attempts_are_rate_limited_per_client_address(client, monkeypatch):
+    """Guessing across many accounts from one address is stopped too; the address is the
+    last X-Forwarded-For entry (the one the gateway added), not what the client claims."""
+    monkeypatch.setattr(auth_app, "MAX_FAILURES_PER_ADDRESS", 3)
+    await register(client)
+    attacker = {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}
+    for n in range(3):
+        resp = await client.post(f"{P}/login", json={"email": f"user{n}@example.com", "password": "guess"},
+                                 headers=attacker)
+        assert resp.status == 401
+    resp = await client.post(f"{P}/login", json={"email": "ada@example.com", "password": "correct horse"},
+                             headers=attacker)
+    assert resp.status == 429
+    # A spoofed first entry does not dodge the limit; another real address is not blocked.
+    spoofed = {"X-Forwarded-For": "192.0.2.99, 203.0.113.7"}
+    assert (await client.post(f"{P}/login", json={"email": "ada@example.com", "password": "correct horse"},
+                              headers=spoofed)).status == 429
+    other = {"X-Forwarded-For": "203.0.113.8"}
+    assert (await client.post(f"{P}/login", json={"email": "ada@example.com", "password": "correct horse"},
+                              headers=other)).status == 200

@@ -1,0 +1,136 @@
+"""End to end: the real gateway, auth and example services with their sidecars, started by
+the supervisor on an embedded PostgreSQL and a real Consul agent, driven through the gateway."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from tests.helpers import PY, Project, free_port, free_ports, free_range, wait_for
+
+
+@pytest.fixture
+def stack(agent):
+    gateway, pg = free_ports(2)
+    low, high = free_range(60)
+    p = Project(
+        f"gateway: {PY} -m services.gateway\nauth: {PY} -m services.auth\nexample: {PY} -m services.example\n",
+        f"""
+[supervisor]
+port_range = [{low}, {high}]
+start_timeout = 30.0
+
+[consul]
+mode = "external"
+address = "{agent.address}"
+
+[postgres]
+port = {pg}
+
+[services.gateway]
+port = {gateway}
+sidecar = false
+
+[services.auth]
+instances = 2
+route = "/api/v1/auth"
+openapi = "/openapi.json"
+database = "auth"
+drain_seconds = 0.5
+
+[services.example]
+route = "/api/v1/example"
+openapi = "/openapi.json"
+database = "example"
+upstreams = ["auth"]
+drain_seconds = 0.5
+""")
+    p.url = f"http://127.0.0.1:{gateway}"
+    p.start(timeout=120)
+    yield p
+    p.cleanup()
+
+
+def call(p: Project, method: str, path: str, body=None, token: str | None = None) -> tuple[int, dict | None]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(p.url + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=15) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        return err.code, json.loads(raw) if raw else None
+
+
+def shaped(status: int, body: dict | None, expected: int) -> dict:
+    assert status == expected, (status, body)
+    assert body is not None and {"status", "error", "message", "request_id"} <= set(body)
+    assert body["status"] == expected and "Traceback" not in json.dumps(body)
+    return body
+
+
+def user(p: Project, email: str, name: str) -> tuple[dict, str]:
+    status, profile = call(p, "POST", "/api/v1/auth/register", {"email": email, "password": "long password", "name": name})
+    assert status == 201, profile
+    status, pair = call(p, "POST", "/api/v1/auth/login", {"email": email, "password": "long password"})
+    assert status == 200, pair
+    return profile, pair["access_token"]
+
+
+def test_register_login_items_with_owner_profiles(stack):
+    p = stack
+    ada, ada_token = user(p, "ada@example.com", "Ada")
+    bob, bob_token = user(p, "bob@example.com", "Bob")
+    status, me = call(p, "GET", "/api/v1/auth/me", token=ada_token)
+    assert status == 200 and me["id"] == ada["id"]
+
+    status, item = call(p, "POST", "/api/v1/example/items",
+                        {"title": "Difference engine", "description": "brass", "price_cents": 1200, "tags": ["math"]},
+                        token=ada_token)
+    assert status == 201, item
+    assert item["owner"] == {"id": ada["id"], "name": "Ada"}, "enriched from auth through the sidecar upstream"
+    for n in range(3):
+        assert call(p, "POST", "/api/v1/example/items", {"title": f"note {n}"}, token=bob_token)[0] == 201
+
+    status, page = call(p, "GET", "/api/v1/example/items?limit=2")
+    assert status == 200 and page["total"] == 4 and len(page["items"]) == 2
+    assert all(i["owner"]["name"] in ("Ada", "Bob") for i in page["items"])
+    status, mine = call(p, "GET", f"/api/v1/example/items?owner_id={ada['id']}")
+    assert [i["title"] for i in mine["items"]] == ["Difference engine"]
+
+    status, got = call(p, "GET", f"/api/v1/example/items/{item['id']}")
+    assert status == 200 and got["owner"]["name"] == "Ada"
+    status, changed = call(p, "PATCH", f"/api/v1/example/items/{item['id']}", {"price_cents": 1500}, token=ada_token)
+    assert status == 200 and changed["price_cents"] == 1500 and changed["title"] == "Difference engine"
+
+    # Only the owner may change or delete; no or a forged token is 401.
+    shaped(*call(p, "PATCH", f"/api/v1/example/items/{item['id']}", {"title": "mine now"}, token=bob_token), 403)
+    shaped(*call(p, "DELETE", f"/api/v1/example/items/{item['id']}", token=bob_token), 403)
+    shaped(*call(p, "POST", "/api/v1/example/items", {"title": "x"}), 401)
+    shaped(*call(p, "POST", "/api/v1/example/items", {"title": "x"}, token=ada_token[:-4] + "AAAA"), 401)
+    shaped(*call(p, "POST", "/api/v1/example/items", {"title": "x", "owner_id": bob["id"]}, token=ada_token), 422)
+    shaped(*call(p, "GET", "/api/v1/example/items/not-a-uuid"), 404)
+    assert call(p, "DELETE", f"/api/v1/example/items/{item['id']}", token=ada_token)[0] == 204
+    shaped(*call(p, "GET", f"/api/v1/example/items/{item['id']}"), 404)
+
+    # Swagger's document lists both services' endpoints.
+    status, doc = call(p, "GET", "/api-docs/openapi.json")
+    assert "/api/v1/auth/login" in doc["paths"] and "/api/v1/example/items" in doc["paths"]
+
+    # auth stopped: example answers a clear 503 for what needs auth, never a 500. Carol's
+    # profile was never fetched by example, so no cache can answer for auth.
+    _, carol_token = user(p, "carol@example.com", "Carol")
+    p.cli("scale", "auth=0", check=True)
+    wait_for(lambda: call(p, "GET", "/api/v1/auth/.well-known/jwks.json")[0] in (404, 503), 10, what="auth gone")
+    status, body = call(p, "GET", "/api/v1/example/items")
+    assert status in (200, 503), body
+    if status == 503:
+        shaped(status, body, 503)
+    shaped(*call(p, "POST", "/api/v1/example/items", {"title": "during outage"}, token=carol_token), 503)

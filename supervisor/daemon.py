@@ -110,16 +110,22 @@ class Daemon:
             taken.append(port)
             return port
 
+        # Unique per host and instance; a replacement during a rolling restart runs beside
+        # the old one for a moment, so it gets its own ID (-r2, -r3, ...).
+        service_id = f"{service.name}-{self.node}-{index}" + (f"-r{generation}" if generation > 1 else "")
         try:
             if not service.sidecar:
                 port = service.port or take()
                 admin = take() if service.port else None
                 ports = InstancePorts(public=port, app=port, admin=admin, taken=taken)
                 env = self.instance_env(service, index, port)
+                # An app that registers itself (the gateway) uses this ID, so that status
+                # can show its Consul health like a sidecar's.
+                env["SERVICE_ID"] = service_id
                 if admin is not None:  # instances share `port`; each answers on its own too
                     env.update(ADMIN_PORT=str(admin), REUSE_PORT="1")
                 spec = app_spec(service, index, port, env, cwd, ready_port=admin)
-                return Instance(service, index, ports, [self.make_process(spec)])
+                return Instance(service, index, ports, [self.make_process(spec)], service_id)
             ports = InstancePorts(
                 public=service.port or take(), app=take(), admin=take(),
                 upstreams={name: take() for name in service.upstreams}, taken=taken,
@@ -128,9 +134,6 @@ class Daemon:
             for port in taken:
                 self.ports.release(port)
             raise
-        # Unique per host and instance; a replacement during a rolling restart runs beside
-        # the old one for a moment, so it gets its own ID (-r2, -r3, ...).
-        service_id = f"{service.name}-{self.node}-{index}" + (f"-r{generation}" if generation > 1 else "")
         env = self.instance_env(service, index, ports.app)
         for name, port in ports.upstreams.items():
             env[f"UPSTREAM_{name.upper().replace('-', '_')}_URL"] = f"http://127.0.0.1:{port}"
@@ -291,7 +294,10 @@ class Daemon:
             if checks is None:
                 instance.consul_health = "unknown"
             else:
-                instance.consul_health = checks.get(instance.service_id, "absent")
+                # Without a sidecar, registering is the app's own choice: not being in
+                # Consul is only worth flagging for instances that have a sidecar.
+                missing = "absent" if instance.service.sidecar else ""
+                instance.consul_health = checks.get(instance.service_id, missing)
 
     def _all_processes(self) -> list[Process]:
         procs = list(self.infra)

@@ -243,6 +243,7 @@ def test_two_gateway_processes_share_the_port(make_stack, agent):
     gateways = [r for r in p.rows("gateway") if r["state"] == "RUNNING"]
     assert len(gateways) == 2 and {r["port"] for r in gateways} == {int(p.url.rsplit(":", 1)[1])}
     wait_for(lambda: len(agent.passing("gateway")) == 2, 5, what="both gateways registered")
+    assert {r["consul"] for r in p.rows("gateway")} == {"passing"}, "status shows the gateways' Consul health"
     for n in range(200):
         assert get(f"{p.url}/api/v1/api/n/{n}")[0] == 200
     time.sleep(0.3)  # access logs are written in batches

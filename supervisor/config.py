@@ -292,7 +292,9 @@ def _validate(config: Config, file: FileSettings, commands: dict[str, str], show
             port = getattr(config.consul, key)
             if port != -1 or key in ("server_port", "serf_lan_port"):
                 claim(port, f"consul.{key}")
-    if config.postgres.mode == "embedded":
+    # The embedded server only runs when some service needs a database it provisions.
+    if config.postgres.mode == "embedded" and any(
+            s.database and not s.database_url for s in config.services.values()):
         claim(config.postgres.port, "postgres.port")
 
     databases: dict[str, str] = {}

@@ -83,8 +83,10 @@ def test_mistakes_name_the_file_and_the_key(tmp_path, config, expected):
 
 
 def test_duplicate_ports_are_refused(tmp_path):
-    message = error_of(tmp_path, "[postgres]\nport = 8500\n[services.web]\n[services.worker]\n")
+    message = error_of(tmp_path, "[postgres]\nport = 8500\n[services.web]\ndatabase = 'web'\n[services.worker]\n")
     assert "postgres.port: port 8500 is already used by consul.address" in message
+    # No service needs the embedded server: it does not run, so its port is not taken.
+    load(write(tmp_path, "[postgres]\nport = 8500\n[services.web]\n[services.worker]\n"))
     message = error_of(tmp_path, "[services.web]\nport = 3000\n[services.worker]\nport = 3000\n")
     assert "services.worker.port: port 3000 is already used by services.web.port" in message
     message = error_of(tmp_path, "[supervisor]\nport_range=[3000, 3100]\n[services.web]\nport = 3000\n[services.worker]\n")

@@ -470,3 +470,11 @@ async def test_token_errors_map_to_401_and_503(aiohttp_client):
     assert (await resp.json())["message"] == "token expired"
     resp = await client.get("/down")
     assert resp.status == 503 and (await resp.json())["error"] == "service_unavailable"
+
+
+def test_offset_is_bounded_below_postgres_bigint():
+    from shared.types import Pagination
+
+    assert msgspec.convert({"offset": 1_000_000_000}, Pagination).offset == 1_000_000_000
+    with pytest.raises(msgspec.ValidationError, match="offset"):
+        msgspec.convert({"offset": 381637380236823446421504}, Pagination)

@@ -227,6 +227,50 @@ def _reason_for(error: jwt.PyJWTError) -> str:
     return "invalid token"
 
 
+def decode_access_token(token: str, key: Ed25519PublicKey, *, issuer: str, audience: str,
+                        leeway: float = 5) -> Claims:
+    """Verify a token against a key already in hand (auth's own); the same checks as
+    TokenVerifier.verify, which finds the key through the JWKS instead."""
+    _kid_of(token)
+    return _claims(token, key, issuer=issuer, audience=audience, leeway=leeway)
+
+
+def _kid_of(token: str) -> str:
+    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidToken("malformed token")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise InvalidToken("malformed token") from None
+    # Checked before any key lookup so a forged header cannot even cause a fetch.
+    if header.get("alg") != ALGORITHM:
+        raise InvalidToken("unsupported algorithm")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise InvalidToken("token has no key id")
+    return kid
+
+
+def _claims(token: str, key: Ed25519PublicKey, *, issuer: str, audience: str, leeway: float) -> Claims:
+    try:
+        payload = jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],
+            issuer=issuer,
+            audience=audience,
+            leeway=leeway,
+            options={"require": ["exp", "iat", "sub"]},
+        )
+    except jwt.PyJWTError as error:
+        # `from None`: PyJWT's own messages may quote decoded token bytes.
+        raise InvalidToken(_reason_for(error)) from None
+    try:
+        return msgspec.convert(payload, Claims)
+    except msgspec.ValidationError:
+        raise InvalidToken("malformed claims") from None
+
+
 def _public_keys(document: Any) -> dict[str, Ed25519PublicKey]:
     """The usable keys of a JWKS document, by kid; raises ValueError if it is no JWKS."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
@@ -296,25 +340,8 @@ class TokenVerifier:
         self.fetch_count = 0  # attempts made; for metrics and tests
 
     async def verify(self, token: str) -> Claims:
-        kid = self._kid_of(token)
-        key = await self._key_for(kid)
-        try:
-            payload = jwt.decode(
-                token,
-                key,
-                algorithms=[ALGORITHM],
-                issuer=self.issuer,
-                audience=self.audience,
-                leeway=self.leeway,
-                options={"require": ["exp", "iat", "sub"]},
-            )
-        except jwt.PyJWTError as error:
-            # `from None`: PyJWT's own messages may quote decoded token bytes.
-            raise InvalidToken(_reason_for(error)) from None
-        try:
-            return msgspec.convert(payload, Claims)
-        except msgspec.ValidationError:
-            raise InvalidToken("malformed claims") from None
+        key = await self._key_for(_kid_of(token))
+        return _claims(token, key, issuer=self.issuer, audience=self.audience, leeway=self.leeway)
 
     async def close(self) -> None:
         if self._inflight is not None:
@@ -335,22 +362,6 @@ class TokenVerifier:
         await self.close()
 
     # -- internals --
-
-    @staticmethod
-    def _kid_of(token: str) -> str:
-        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
-            raise InvalidToken("malformed token")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise InvalidToken("malformed token") from None
-        # Checked before any key lookup so a forged header cannot even cause a fetch.
-        if header.get("alg") != ALGORITHM:
-            raise InvalidToken("unsupported algorithm")
-        kid = header.get("kid")
-        if not isinstance(kid, str) or not kid:
-            raise InvalidToken("token has no key id")
-        return kid
 
     async def _key_for(self, kid: str) -> Ed25519PublicKey:
         key = self._keys.get(kid)

@@ -11,7 +11,6 @@ with uvloop and JSON logs; web.run_app handles SIGTERM and drains in-flight requ
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from shared import db
 from shared import log as logsetup
 from shared.errors import ApiError, code_for
 from shared.openapi import Routes, build_document
@@ -110,14 +110,6 @@ def run(app: web.Application) -> None:
 
 # ---- database ----
 
-def _db_module():
-    """shared.db when it exists (pool with bounded waits, migrations under an advisory lock)."""
-    try:
-        return importlib.import_module("shared.db")
-    except ImportError:
-        return None
-
-
 class DatabaseHook:
     """Opens the pool (and applies migrations) at start-up. If PostgreSQL is not there yet the
     app still starts, answers 503 on /health, and keeps trying in the background: the
@@ -141,15 +133,11 @@ class DatabaseHook:
             await self.pool.close()
 
     async def _connect(self, app: web.Application) -> bool:
-        db = _db_module()
         pool = None
         try:
-            if db is not None:
-                pool = await db.create_pool(self.dsn)
-                if self.migrations is not None:
-                    await db.migrate(pool, self.migrations, service=self.service)
-            else:
-                pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=5, timeout=5)
+            pool = await db.create_pool(self.dsn)
+            if self.migrations is not None:
+                await db.migrate(pool, self.migrations, service=self.service)
         except Exception as exc:
             if pool is not None:
                 await pool.close()

@@ -21,7 +21,9 @@ import msgspec
 from aiohttp import web
 
 from shared import log as logctx
+from shared.db import DatabaseUnavailable
 from shared.errors import ApiError, error_body, validation_details
+from shared.tokens import InvalidToken, VerifierUnavailable
 
 log = logging.getLogger("meshvisor.web")
 
@@ -113,38 +115,17 @@ async def errors(request: web.Request, handler):
         return error_json(request, exc.status, _message_of(request, exc), headers=headers or None)
     except msgspec.ValidationError as exc:  # a handler converting data itself
         return error_json(request, 422, "request validation failed", details=validation_details(exc))
-    except Exception as exc:
-        token_status = _token_error_status(exc)
-        if token_status == 401:
-            return error_json(request, 401, exc.reason, headers={"WWW-Authenticate": "Bearer"})
-        if token_status == 503:  # auth's keys cannot be fetched: not the caller's fault
-            return error_json(request, 503, "auth unavailable", headers={"Retry-After": "1"})
-        if _database_unavailable(exc):  # PostgreSQL down or restarting: retry later, not a bug
-            log.warning("database unavailable in %s %s: %s", request.method, request.path, type(exc).__name__)
-            return error_json(request, 503, "database unavailable", headers={"Retry-After": "1"})
+    except InvalidToken as exc:
+        return error_json(request, 401, exc.reason, headers={"WWW-Authenticate": "Bearer"})
+    except VerifierUnavailable:  # auth's keys cannot be fetched: not the caller's fault
+        return error_json(request, 503, "auth unavailable", headers={"Retry-After": "1"})
+    except DatabaseUnavailable as exc:  # PostgreSQL down or restarting: retry later, not a bug
+        log.warning("database unavailable in %s %s: %s", request.method, request.path, type(exc).__name__)
+        return error_json(request, 503, "database unavailable", headers={"Retry-After": "1"})
+    except Exception:
         # The traceback is for the operator; the client learns only that it was our fault.
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_json(request, 500, "internal server error")
-
-
-def _token_error_status(exc: Exception) -> int | None:
-    """401 for a bad access token, 503 when the keys to check it cannot be had."""
-    from shared.tokens import InvalidToken, VerifierUnavailable
-
-    if isinstance(exc, InvalidToken):
-        return 401
-    if isinstance(exc, VerifierUnavailable):
-        return 503
-    return None
-
-
-def _database_unavailable(exc: Exception) -> bool:
-    # Imported late: shared.db is optional (and pulls in asyncpg) for services without one.
-    try:
-        from shared.db import DatabaseUnavailable
-    except ImportError:
-        return False
-    return isinstance(exc, DatabaseUnavailable)
 
 
 def _message_of(request: web.Request, exc: web.HTTPException) -> str:

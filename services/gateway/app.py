@@ -21,7 +21,7 @@ import swagger_ui_bundle
 from aiohttp import web
 
 from services.gateway.openapi import OpenApiMerger
-from services.gateway.routes import RouteTable
+from services.gateway.routes import RouteTable, match
 from shared.balancing import Balancer
 from shared.consul import make_client
 from shared.relay import Relay, RelaySettings, Route
@@ -98,12 +98,8 @@ class Gateway:
                      request_timeout=self.s.request_timeout, retries=self.s.retries)
 
     def route_for(self, method: bytes, target: bytes) -> Route | None:
-        for prefix in OWN_PREFIXES:
-            if target.startswith(prefix):
-                rest = target[len(prefix):len(prefix) + 1]
-                if not rest or rest in b"/?":
-                    return self.own_route
-        return self.table.match(target)
+        # The gateway's own paths first: no service may take /health or /api-docs.
+        return match(self.own_table, target) or self.table.match(target)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -115,8 +111,9 @@ class Gateway:
         self.table = RouteTable(self.consul, self._route, on_change=lambda: self.openapi and self.openapi.invalidate())
         self.openapi = OpenApiMerger(self.table)
         own = await self._start_own_app()
-        self.own_route = self._route("gateway", Balancer("gateway", eject_after=1_000_000))
-        self.own_route.balancer.update([("own", "127.0.0.1", own, {})])
+        own_route = self._route("gateway", Balancer("gateway", eject_after=1_000_000))
+        own_route.balancer.update([("own", "127.0.0.1", own, {})])
+        self.own_table = [(prefix, own_route) for prefix in OWN_PREFIXES]
         await self.table.start()
         relay = Relay(
             RelaySettings("gateway", forwarded=True, echo_request_id=True, max_body=s.max_body),

@@ -22,6 +22,18 @@ from shared.relay import Route
 log = logging.getLogger("meshvisor.gateway.routes")
 
 
+def match(table: list[tuple[bytes, Route]], target: bytes) -> Route | None:
+    """The route of the first prefix (longest first) that `target` starts with on a whole
+    path segment: /api/v1/auth matches /api/v1/auth, /api/v1/auth/x and /api/v1/auth?q,
+    not /api/v1/authx."""
+    for prefix, route in table:
+        if target.startswith(prefix):
+            rest = target[len(prefix):len(prefix) + 1]
+            if not rest or rest in b"/?":
+                return route
+    return None
+
+
 class RouteTable:
     def __init__(self, client: consul.aio.Consul, make_route: Callable[[str, Balancer], Route],
                  on_change: Callable[[], None] | None = None) -> None:
@@ -49,12 +61,7 @@ class RouteTable:
             task.cancel()
 
     def match(self, target: bytes) -> Route | None:
-        for prefix, route in self.table:
-            if target.startswith(prefix):
-                rest = target[len(prefix):len(prefix) + 1]
-                if not rest or rest in b"/?":
-                    return route
-        return None
+        return match(self.table, target)
 
     def routed(self) -> set[str]:
         """Names of the services the table serves now."""

@@ -3,85 +3,18 @@ the supervisor on an embedded PostgreSQL and a real Consul agent, driven through
 
 from __future__ import annotations
 
-import json
-import urllib.request
-
 import pytest
 
-from tests.helpers import PY, Project, free_port, free_ports, free_range, wait_for
+from tests.helpers import wait_for
+from tests.stack import app_stack, call, shaped, user
 
 
 @pytest.fixture
 def stack(agent):
-    gateway, pg = free_ports(2)
-    low, high = free_range(60)
-    p = Project(
-        f"gateway: {PY} -m services.gateway\nauth: {PY} -m services.auth\nexample: {PY} -m services.example\n",
-        f"""
-[supervisor]
-port_range = [{low}, {high}]
-start_timeout = 30.0
-
-[consul]
-mode = "external"
-address = "{agent.address}"
-
-[postgres]
-port = {pg}
-
-[services.gateway]
-port = {gateway}
-sidecar = false
-
-[services.auth]
-instances = 2
-route = "/api/v1/auth"
-openapi = "/openapi.json"
-database = "auth"
-drain_seconds = 0.5
-
-[services.example]
-route = "/api/v1/example"
-openapi = "/openapi.json"
-database = "example"
-upstreams = ["auth"]
-drain_seconds = 0.5
-""")
-    p.url = f"http://127.0.0.1:{gateway}"
+    p = app_stack(agent.address)
     p.start(timeout=120)
     yield p
     p.cleanup()
-
-
-def call(p: Project, method: str, path: str, body=None, token: str | None = None) -> tuple[int, dict | None]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(p.url + path, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=15) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as err:
-        raw = err.read()
-        return err.code, json.loads(raw) if raw else None
-
-
-def shaped(status: int, body: dict | None, expected: int) -> dict:
-    assert status == expected, (status, body)
-    assert body is not None and {"status", "error", "message", "request_id"} <= set(body)
-    assert body["status"] == expected and "Traceback" not in json.dumps(body)
-    return body
-
-
-def user(p: Project, email: str, name: str) -> tuple[dict, str]:
-    status, profile = call(p, "POST", "/api/v1/auth/register", {"email": email, "password": "long password", "name": name})
-    assert status == 201, profile
-    status, pair = call(p, "POST", "/api/v1/auth/login", {"email": email, "password": "long password"})
-    assert status == 200, pair
-    return profile, pair["access_token"]
 
 
 def test_register_login_items_with_owner_profiles(stack):

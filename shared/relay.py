@@ -10,8 +10,9 @@ Design, for CPU per request rather than convenience:
 - connections to instances are kept alive and pooled per instance.
 
 Around that: picking an instance (shared.balancing), retries on another instance when
-a connection fails (any method: nothing was sent) or, for idempotent methods, when the
-instance answers 502/503 or drops the connection before answering; connect and request
+a connection fails (any method: nothing was sent) or, for idempotent methods and requests
+carrying an Idempotency-Key, when the instance answers 502/503 or drops the connection
+before answering; connect and request
 timeouts; errors in the shared JSON shape; X-Request-Id and traceparent propagation;
 WebSocket (Upgrade) tunnelling; draining.
 """
@@ -148,7 +149,7 @@ class ClientSide(asyncio.Protocol):
                  "deadline", "eof", "fresh_only", "head_out", "is_head", "keep_alive", "last_active",
                  "method", "parser", "paused_upstream", "peer", "pending", "pending_size",
                  "reading_paused", "relay", "remaining", "replay", "replay_size", "req_done",
-                 "request_id", "response_started", "route", "sent_any", "started", "status", "target",
+                 "request_id", "response_started", "retry_safe", "route", "sent_any", "started", "status", "target",
                  "transport", "tried", "tunnel", "upgrade", "upstream")
 
     def __init__(self, relay: Relay) -> None:
@@ -167,6 +168,7 @@ class ClientSide(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.method = b""
+        self.retry_safe = False
         self.target = b""
         self.request_id = ""
         self.keep_alive = True
@@ -304,6 +306,10 @@ class ClientSide(asyncio.Protocol):
         self.method, self.target = parts[0], parts[1]
         self.is_head = self.method == b"HEAD"
         lower = head.lower()
+        # Safe to send again after an instance failed mid-request: an idempotent method,
+        # or a client's Idempotency-Key, which the services honour (a repeat with the same
+        # key answers the first outcome instead of acting twice).
+        self.retry_safe = self.method in IDEMPOTENT or b"\r\nidempotency-key:" in lower
         connection = _header(lower, lower, b"connection")
         if parts[2] == b"HTTP/1.1":
             self.keep_alive = connection is None or b"close" not in connection
@@ -502,7 +508,7 @@ class ClientSide(asyncio.Protocol):
         self.relay.metrics.upstream_error(route.name, kind)
         if self.closed:
             return
-        if stale and self.method in IDEMPOTENT and self.replay is not None:
+        if stale and self.retry_safe and self.replay is not None:
             self.fresh_only = True
             self.relay.metrics.retry(route.name)
             self._dispatch()
@@ -510,7 +516,7 @@ class ClientSide(asyncio.Protocol):
         # Replayable: nothing went out yet, or everything that did is still in hand.
         can_replay = not self.sent_any or self.replay is not None
         if (self.attempts < route.retries and can_replay and len(route.balancer.backends) > len(self.tried)
-                and (retry_any_method or self.method in IDEMPOTENT)):
+                and (retry_any_method or self.retry_safe)):
             self.attempts += 1
             self.relay.metrics.retry(route.name)
             self._dispatch()
@@ -542,7 +548,7 @@ class ClientSide(asyncio.Protocol):
     # -- responses (called by UpstreamSide) ------------------------------------------
 
     def can_retry_status(self) -> bool:
-        return (self.method in IDEMPOTENT and self.replay is not None and self.req_done
+        return (self.retry_safe and self.replay is not None and self.req_done
                 and self.attempts < self.route.retries and len(self.route.balancer.backends) > len(self.tried) + 1)
 
     def response_complete(self, up_reusable: bool) -> None:

@@ -1305,6 +1305,29 @@ async def test_dropped_connection_retried_for_get_502_for_post():
         await settled(route)
 
 
+async def test_post_with_idempotency_key_is_retried_after_a_drop_and_a_503():
+    """A client's Idempotency-Key makes a POST as safe to resend as a PUT: the services
+    answer a repeated key with the first outcome."""
+    busy = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy"
+    for failing in (lambda b, m, n: None, lambda b, m, n: busy):
+        async with RawBackend(responder(failing)) as bad, RawBackend(responder(lambda b, m, n: ok(b"made"))) as good:
+            route = make_route(bad.port, good.port, eject_after=1000)
+            async with relay_stack(route) as stack:
+                route.balancer.backends[1].inflight += 1000
+                try:
+                    reader, writer = await raw_client(stack.port)
+                    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nIdempotency-Key: k-1\r\n"
+                                 b"Content-Length: 2\r\n\r\nhi")
+                    resp = await read_message(reader)
+                    assert resp.status == 200 and resp.body == b"made"
+                    await close_writer(writer)
+                finally:
+                    route.balancer.backends[1].inflight -= 1000
+                assert [m.body for m in bad.requests] == [b"hi"] and [m.body for m in good.requests] == [b"hi"]
+                assert stack.metrics.retries == {"svc": 1}
+            await settled(route)
+
+
 async def test_retries_are_bounded_by_the_route():
     dead = [closed_port() for _ in range(4)]
     route = make_route(*dead, retries=2, eject_after=1000)

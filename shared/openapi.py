@@ -41,6 +41,7 @@ class Route:
     query: type | None = None  # a Struct whose fields are query parameters (e.g. Pagination)
     params: dict[str, type] = field(default_factory=dict)  # path parameter types; str by default
     auth: bool = False  # needs `Authorization: Bearer <access token>`
+    idempotent: bool = False  # honours an Idempotency-Key header (shared.web.idempotency_key)
     errors: tuple[int, ...] = ()  # error statuses worth documenting beyond the usual ones
     tags: tuple[str, ...] = ()
     description: str = ""
@@ -108,7 +109,7 @@ def build_document(title: str, routes: list[Route] | Routes, version: str = "0.1
             op["description"] = r.description
         if r.tags:
             op["tags"] = list(r.tags)
-        parameters = _path_parameters(r, schema_of) + _query_parameters(r, components)
+        parameters = _path_parameters(r, schema_of) + _query_parameters(r, components) + _header_parameters(r)
         if parameters:
             op["parameters"] = parameters
         if r.request is not None:
@@ -154,6 +155,8 @@ def _responses(r: Route, schema_of: dict[int, dict]) -> dict:
         statuses.add(404)
     if r.auth:
         statuses.add(401)
+    if r.idempotent:
+        statuses |= {400, 422}
     for status in sorted(statuses):
         responses[str(status)] = {"description": _describe(status),
                                   "content": {"application/json": {"schema": error}}}
@@ -172,6 +175,14 @@ def _path_parameters(r: Route, schema_of: dict[int, dict]) -> list[dict]:
         schema = schema_of[id(type_)] if type_ is not None else {"type": "string"}
         out.append({"name": name, "in": "path", "required": True, "schema": schema})
     return out
+
+
+def _header_parameters(r: Route) -> list[dict]:
+    if not r.idempotent:
+        return []
+    return [{"name": "Idempotency-Key", "in": "header", "required": False,
+             "description": "Makes a repeat of this request answer the first outcome instead of acting again",
+             "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x21-\\x7e]+$"}}]
 
 
 def _query_parameters(r: Route, components: dict[str, dict]) -> list[dict]:

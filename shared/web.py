@@ -161,6 +161,22 @@ async def decode(request: web.Request, type_: type[T], *, max_size: int | None =
         raise ApiError(400, f"malformed JSON: {exc}") from None
 
 
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+# A key is opaque to us: 1 to 255 visible ASCII characters (a UUID is the usual choice).
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The request's Idempotency-Key, if it sent one; 400 for an unusable one."""
+    key = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(400, "invalid Idempotency-Key header", details=[
+            {"field": IDEMPOTENCY_KEY_HEADER, "message": "1 to 255 visible ASCII characters"}])
+    return key
+
+
 def query(request: web.Request, type_: type[T]) -> T:
     """The query string as `type_` (e.g. Pagination): strings are converted to the field
     types, and a bad value is a 422 naming the parameter."""

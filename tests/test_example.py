@@ -441,7 +441,8 @@ async def test_migrations_applied_once_by_two_instances_starting_together(databa
     assert resp.status == 200
     conn = await asyncpg.connect(database)
     try:
-        assert await conn.fetch("SELECT version FROM schema_migrations") == [("0001_items",)]
+        assert await conn.fetch("SELECT version FROM schema_migrations ORDER BY version") == [
+            ("0001_items",), ("0002_idempotency_keys",)]
     finally:
         await conn.close()
     for c in (first, second):
@@ -455,6 +456,7 @@ async def test_openapi_documents_the_routes(client):
     assert items["post"]["security"] == [{"bearerAuth": []}] and "security" not in items["get"]
     assert {p["name"] for p in items["get"]["parameters"]} == {
         "limit", "offset", "owner_id", "tag", "q", "min_price", "max_price"}
+    assert [(p["name"], p["in"]) for p in items["post"]["parameters"]] == [("Idempotency-Key", "header")]
 
 
 async def test_nul_characters_are_422_not_500(client, fake_auth, ada):
@@ -468,3 +470,44 @@ async def test_nul_characters_are_422_not_500(client, fake_auth, ada):
     assert resp.status == 422
     resp = await client.get(ITEMS, params={"q": "a\u0000"})
     assert resp.status == 422
+
+
+async def test_idempotency_key_answers_the_first_outcome(client, fake_auth, ada, bob, database):
+    """A repeat with the same key creates nothing and answers the first item; concurrent
+    repeats too (the key is claimed in the item's transaction); another user's same key is
+    a different key; the same key for a different body is a 422."""
+    body = {"title": "once", "price_cents": 5}
+    key = {"Idempotency-Key": "order-7f3a"}
+    first = await client.post(ITEMS, json=body, headers={**fake_auth.auth(ada), **key})
+    assert first.status == 201 and "Idempotent-Replayed" not in first.headers
+    made = await first.json()
+    again = await client.post(ITEMS, json=body, headers={**fake_auth.auth(ada), **key})
+    assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert await again.json() == made
+
+    concurrent = {"Idempotency-Key": "burst"}
+    replies = await asyncio.gather(*(client.post(ITEMS, json={"title": "burst"}, headers={**fake_auth.auth(ada), **concurrent})
+                                     for _ in range(8)))
+    assert [r.status for r in replies] == [201] * 8
+    assert len({(await r.json())["id"] for r in replies}) == 1
+
+    other = await client.post(ITEMS, json=body, headers={**fake_auth.auth(bob), **key})
+    assert other.status == 201 and (await other.json())["id"] != made["id"]
+
+    reused = await client.post(ITEMS, json={"title": "something else"}, headers={**fake_auth.auth(ada), **key})
+    assert reused.status == 422
+    assert_error(await reused.json(), 422)
+    for bad in ("", "x" * 256, "with space", "caf\u00e9"):
+        resp = await client.post(ITEMS, json=body, headers={**fake_auth.auth(ada), "Idempotency-Key": bad})
+        assert resp.status == 400, (bad, await resp.text())
+        assert_error(await resp.json(), 400)
+
+    conn = await asyncpg.connect(database)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM items WHERE title IN ('once', 'burst')") == 3
+        # A key older than the retention is forgotten: the same request creates anew.
+        await conn.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'order-7f3a'")
+    finally:
+        await conn.close()
+    late = await client.post(ITEMS, json=body, headers={**fake_auth.auth(ada), **key})
+    assert late.status == 201 and "Idempotent-Replayed" not in late.headers and (await late.json())["id"] != made["id"]

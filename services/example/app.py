@@ -22,12 +22,12 @@ from aiohttp import web
 from services.example import storage
 from services.example.identity import DEFAULT_AUDIENCE, DEFAULT_ISSUER, Authenticator
 from services.example.owners import AuthUnavailable, OwnerDirectory
-from services.example.storage import ItemNotFound, ItemQuery, NotOwner
+from services.example.storage import ItemNotFound, ItemQuery, KeyReused, NotOwner
 from shared.app import create_app, get_pool
 from shared.errors import ApiError
 from shared.openapi import Routes
 from shared.types import Item, ItemCreate, ItemPage, ItemUpdate
-from shared.web import decode, json_response, query
+from shared.web import decode, idempotency_key, json_response, query
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 ITEMS = "/api/v1/example/items"
@@ -41,18 +41,27 @@ _ITEM_ID = {"item_id": uuid.UUID}
 _TAGS = ("items",)
 
 
-@api.post(ITEMS, request=ItemCreate, response=Item, status=201, auth=True, errors=(401, 503), tags=_TAGS,
-          summary="Create an item owned by the caller")
+@api.post(ITEMS, request=ItemCreate, response=Item, status=201, auth=True, idempotent=True, errors=(401, 503),
+          tags=_TAGS, summary="Create an item owned by the caller",
+          description="With an `Idempotency-Key` header, a repeat of the same request (by the same user, "
+                      "within a day) answers the item the first one created, with `Idempotent-Replayed: true`, "
+                      "instead of creating another; the gateway may then also resend it to another instance "
+                      "if one fails mid-request. The same key with a different body is a 422.")
 async def create_item(request: web.Request) -> web.Response:
     owner_id = await request.app[AUTHENTICATOR].user_id(request)
+    key = idempotency_key(request)
     new = await decode(request, ItemCreate)
     _refuse_nul({"title": new.title, "description": new.description})
     # The owner's profile first: if auth is down the client gets a 503 and nothing was
     # created, so retrying cannot make a duplicate.
     owner = await _owner_profiles(request, [owner_id])
-    item = await storage.create_item(get_pool(request), owner_id, new)
+    try:
+        item, replayed = await storage.create_item(get_pool(request), owner_id, new, key)
+    except KeyReused:
+        raise ApiError(422, "Idempotency-Key was already used for a different request",
+                       details=[{"field": "Idempotency-Key", "message": "use a new key for a new request"}]) from None
     item.owner = owner[owner_id]
-    return json_response(item, status=201)
+    return json_response(item, status=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
 @api.get(ITEMS, query=ItemQuery, response=ItemPage, errors=(503,), tags=_TAGS,

@@ -8,6 +8,8 @@ from the request. Functions here know nothing about HTTP: they raise `ItemNotFou
 
 from __future__ import annotations
 
+import hashlib
+import time
 import uuid
 from typing import Annotated
 
@@ -28,6 +30,16 @@ class ItemNotFound(Exception):
 
 class NotOwner(Exception):
     pass
+
+
+class KeyReused(Exception):
+    """An Idempotency-Key already used by this owner for a different request."""
+
+
+# How long an Idempotency-Key is remembered, and how often a process purges older ones.
+KEY_RETENTION = "24 hours"
+PURGE_EVERY = 600.0
+_next_purge = 0.0
 
 
 class ItemQuery(Pagination, kw_only=True):
@@ -54,15 +66,56 @@ def _item(row: asyncpg.Record) -> Item:
                 updated_at=row["updated_at"])
 
 
-async def create_item(pool: asyncpg.Pool, owner_id: uuid.UUID, new: ItemCreate) -> Item:
+async def create_item(pool: asyncpg.Pool, owner_id: uuid.UUID, new: ItemCreate,
+                      idempotency_key: str | None = None) -> tuple[Item, bool]:
+    """The new item, and whether it is a replay: with an `idempotency_key` this owner
+    already used for the same request, the item that request created is answered and
+    nothing is written. The key is claimed in the item's own transaction, so a concurrent
+    repeat waits for the first to commit (or roll back) and never creates a second item.
+    """
     # Not through db.run: an insert is not idempotent, so it must not be retried blindly.
     async with db.acquire(pool) as conn:
-        row = await conn.fetchrow(
-            f"INSERT INTO items (owner_id, title, description, price_cents, tags) "
-            f"VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}",
-            owner_id, new.title, new.description, new.price_cents, new.tags,
-        )
-    return _item(row)
+        await _purge_old_keys(conn)
+        async with conn.transaction():
+            if idempotency_key is not None:
+                fingerprint = hashlib.sha256(msgspec.json.encode(new)).digest()
+                replay = await _claim_key(conn, owner_id, idempotency_key, fingerprint)
+                if replay is not None:
+                    return replay, True
+            row = await conn.fetchrow(
+                f"INSERT INTO items (owner_id, title, description, price_cents, tags) "
+                f"VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}",
+                owner_id, new.title, new.description, new.price_cents, new.tags,
+            )
+            item = _item(row)
+            if idempotency_key is not None:
+                await conn.execute("UPDATE idempotency_keys SET response = $3 WHERE owner_id = $1 AND key = $2",
+                                   owner_id, idempotency_key, msgspec.json.encode(item))
+    return item, False
+
+
+async def _claim_key(conn: asyncpg.Connection, owner_id: uuid.UUID, key: str, fingerprint: bytes) -> Item | None:
+    """Claims `key` for this transaction (None), or returns the item its first use created."""
+    await conn.execute(f"DELETE FROM idempotency_keys WHERE owner_id = $1 AND key = $2 "
+                       f"AND created_at < now() - interval '{KEY_RETENTION}'", owner_id, key)
+    claimed = await conn.fetchval(
+        "INSERT INTO idempotency_keys (owner_id, key, fingerprint) VALUES ($1, $2, $3) "
+        "ON CONFLICT DO NOTHING RETURNING true", owner_id, key, fingerprint)
+    if claimed:
+        return None
+    row = await conn.fetchrow("SELECT fingerprint, response FROM idempotency_keys WHERE owner_id = $1 AND key = $2",
+                              owner_id, key)
+    if row["fingerprint"] != fingerprint:
+        raise KeyReused(key)
+    return msgspec.json.decode(row["response"], type=Item)
+
+
+async def _purge_old_keys(conn: asyncpg.Connection) -> None:
+    global _next_purge
+    now = time.monotonic()
+    if now >= _next_purge:
+        _next_purge = now + PURGE_EVERY
+        await conn.execute(f"DELETE FROM idempotency_keys WHERE created_at < now() - interval '{KEY_RETENTION}'")
 
 
 async def get_item(pool: asyncpg.Pool, item_id: uuid.UUID) -> Item:

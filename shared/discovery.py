@@ -4,6 +4,13 @@ A watch asks once without blocking, then keeps a blocking query open (`index` + 
 and updates its value when Consul answers with a change. If Consul is unreachable it keeps
 serving the last known value, says so once, and retries quickly so that an agent restart
 is noticed within seconds. The gateway and the sidecars' upstreams both use it.
+
+After an agent restart (noticed as an outage: the open query breaks) its catalog is being
+rebuilt: a restarted dev agent knows nothing until every sidecar's anti-entropy has
+registered again, and a restarted server may report checks critical until they next run.
+For REBUILD_GRACE seconds an instance or service missing from the answer is therefore kept
+rather than dropped (the relays still eject an instance that really is gone); new ones
+are added at once, and the plain answer applies when the grace ends.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ MIN_WAIT = 0.1
 # Retries after an error: short, because an agent restart must be noticed within seconds.
 RETRY_FIRST = 0.2
 RETRY_MAX = 2.0
+
+# How long after an agent restart a missing instance or service is kept (see above):
+# sidecars re-register within a few seconds (their anti-entropy retries every second).
+REBUILD_GRACE = 10.0
 
 LOGGER = "meshvisor.discovery"
 
@@ -111,6 +122,8 @@ class _BlockingWatch(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         self.index = 0
         self.queries = 0  # requests made: for metrics and for tests that check we block
+        self.rebuild_grace = REBUILD_GRACE
+        self._rebuild_until = -math.inf  # loop time: until then, missing entries are kept
 
     # -- what a subclass provides
 
@@ -120,8 +133,11 @@ class _BlockingWatch(Generic[T]):
     def _params(self) -> list[tuple[str, str]]:
         return []
 
-    def _apply(self, data: Any) -> T | None:
-        """Take a decoded answer; return the new value if it changed, else None."""
+    def _apply(self, data: Any, keep_missing: bool) -> T | None:
+        """Take a decoded answer; return the new value if it changed, else None.
+
+        With `keep_missing`, entries of the current value absent from the answer stay.
+        """
         raise NotImplementedError
 
     def _describe_kept(self) -> str:
@@ -160,6 +176,7 @@ class _BlockingWatch(Generic[T]):
         loop = asyncio.get_running_loop()
         retry = RetryDelay(RETRY_FIRST, RETRY_MAX)
         last_start = -math.inf
+        failed = False
         while True:
             pause = last_start + MIN_QUERY_INTERVAL - loop.time()
             if pause > 0:
@@ -167,7 +184,7 @@ class _BlockingWatch(Generic[T]):
             last_start = loop.time()
             try:
                 reply = await self._query()
-                changed = self._apply(reply.json())
+                data = reply.json()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -175,6 +192,19 @@ class _BlockingWatch(Generic[T]):
                 # The agent may come back as a new process whose indexes restarted low:
                 # blocking on our old, higher index would then hang for the whole wait.
                 self.index = 0
+                failed = True
+                await asyncio.sleep(retry.next())
+                continue
+            if failed and self.ready:
+                # Not on indexes going backwards alone: a stale read from a lagging
+                # server does that too, and must not delay removals.
+                self._rebuild_until = loop.time() + self.rebuild_grace
+            failed = False
+            rebuilding = loop.time() < self._rebuild_until
+            try:
+                changed = self._apply(data, keep_missing=rebuilding)
+            except Exception as exc:  # a malformed answer: keep the last value
+                self._outage.failed(exc, self._describe_kept())
                 await asyncio.sleep(retry.next())
                 continue
             self._outage.recovered()
@@ -188,9 +218,13 @@ class _BlockingWatch(Generic[T]):
         params = [*self._params(), ("stale", "1")]  # any server may answer: spares the leader
         timeout = REQUEST_TIMEOUT
         if self.index > 0:  # never block on index 0: the first answer must come at once
-            params += [("index", str(self.index)), ("wait", duration(self.wait))]
+            wait = self.wait
+            rebuild_left = self._rebuild_until - asyncio.get_running_loop().time()
+            if rebuild_left > 0:  # answer again when the grace ends, to drop what stayed missing
+                wait = min(wait, max(rebuild_left, MIN_WAIT))
+            params += [("index", str(self.index)), ("wait", duration(wait))]
             # Consul adds up to wait/16 of jitter; the margin covers that and the network.
-            timeout = self.wait + self.wait / 16 + REQUEST_TIMEOUT
+            timeout = wait + wait / 16 + REQUEST_TIMEOUT
         self.queries += 1
         return (await call(self._client, "GET", self._path(), params=params, timeout=timeout)).raise_for_status()
 
@@ -229,8 +263,14 @@ class ServiceWatch(_BlockingWatch[tuple[Endpoint, ...]]):
     def _params(self) -> list[tuple[str, str]]:
         return [("passing", "true")]
 
-    def _apply(self, data: Any) -> tuple[Endpoint, ...] | None:
+    def _apply(self, data: Any, keep_missing: bool) -> tuple[Endpoint, ...] | None:
         endpoints = endpoints_from_health(data)
+        if keep_missing:
+            seen = {e.id for e in endpoints}
+            kept = [e for e in self.endpoints if e.id not in seen]
+            if kept:
+                self._log.debug(f"service {self.service}: keeping {[e.id for e in kept]} while the agent rebuilds")
+                endpoints = tuple(sorted(endpoints + tuple(kept), key=lambda e: e.id))
         if endpoints == self.endpoints:
             return None
         self.endpoints = endpoints
@@ -258,8 +298,10 @@ class CatalogWatch(_BlockingWatch[dict[str, list[str]]]):
     def _path(self) -> str:
         return "/v1/catalog/services"
 
-    def _apply(self, data: Any) -> dict[str, list[str]] | None:
+    def _apply(self, data: Any, keep_missing: bool) -> dict[str, list[str]] | None:
         services = {name: list(tags or []) for name, tags in (data or {}).items()}
+        if keep_missing:
+            services = {**self.services, **services}
         if services == self.services:
             return None
         self.services = services

@@ -18,51 +18,11 @@ import argparse
 import datetime
 import shutil
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
-from bench.harness import (ROOT, Path_, Processes, consul_dev_agent, free_port, machine, measure, per_proxy,
-                           reset, table, wait_http)
-
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-master_process on;
-error_log {dir}/nginx-error.log warn;
-pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-  upstream app {{ server 127.0.0.1:{app}; keepalive 64; }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }}
-  }}
-}}
-"""
-
-HAPROXY_CONF = """
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-frontend web
-  bind 127.0.0.1:{port}
-  default_backend app
-backend app
-  http-reuse always
-  server app 127.0.0.1:{app}
-"""
+from bench import proxies
+from bench.harness import (Path_, Processes, consul_dev_agent, free_port, machine, measure, per_proxy, reset,
+                           table, wait_http)
 
 
 def main() -> None:
@@ -74,7 +34,6 @@ def main() -> None:
     log_flag = "0" if args.no_access_log else "1"
 
     with Processes() as procs:
-        tmp = Path(procs.tmp)
         consul = consul_dev_agent(procs)
         app_port = free_port()
         procs.start([sys.executable, "bench/app.py"], {"PORT": str(app_port)}, name="app")
@@ -100,18 +59,9 @@ def main() -> None:
         gateway_one = start_gateway(1)
         wait_http(f"http://127.0.0.1:{gw_port}/api/v1/bench/")
 
-        nginx_port = free_port()
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp, app=app_port, port=nginx_port))
-        nginx = procs.start(["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)], name="nginx")
-        haproxy_port = free_port()
-        (tmp / "haproxy.cfg").write_text(HAPROXY_CONF.format(app=app_port, port=haproxy_port))
-        haproxy = procs.start(["haproxy", "-f", str(tmp / "haproxy.cfg"), "-db"], name="haproxy")
-        node_port = free_port()
-        node = procs.start(["node", str(ROOT / "bench/node-proxy/server.js")],
-                           {"PORT": str(node_port), "TARGET": f"http://127.0.0.1:{app_port}"}, name="node")
-        for port in (nginx_port, haproxy_port, node_port):
-            wait_http(f"http://127.0.0.1:{port}/")
-        nginx_pids = [nginx.pid] + _children(nginx.pid)
+        nginx_port, nginx_pids = proxies.nginx(procs, [app_port])
+        haproxy_port, haproxy_pids = proxies.haproxy(procs, [app_port])
+        node_port, node_pids = proxies.node_express(procs, app_port)
 
         direct = Path_("direct (app)", f"http://127.0.0.1:{app_port}/api/v1/bench/")
         through = Path_("gateway -> sidecar -> app", f"http://127.0.0.1:{gw_port}/api/v1/bench/",
@@ -119,8 +69,8 @@ def main() -> None:
         nginx_path = Path_("nginx -> app", f"http://127.0.0.1:{nginx_port}/api/v1/bench/", nginx_pids)
         paths = [
             direct, through, nginx_path,
-            Path_("haproxy -> app", f"http://127.0.0.1:{haproxy_port}/api/v1/bench/", [haproxy.pid]),
-            Path_("node express -> app", f"http://127.0.0.1:{node_port}/api/v1/bench/", [node.pid]),
+            Path_("haproxy -> app", f"http://127.0.0.1:{haproxy_port}/api/v1/bench/", haproxy_pids),
+            Path_("node express -> app", f"http://127.0.0.1:{node_port}/api/v1/bench/", node_pids),
         ]
         print(f"warming up, then {args.rounds} rounds of {args.seconds:g}s per path", file=sys.stderr)
         measure(paths, 1, 2)
@@ -153,15 +103,7 @@ def main() -> None:
         print("proxy CPU us/req: utime+stime of the proxy processes on the path / requests served")
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-        return [int(x) for x in out.split()]
-    except OSError:
-        return []
-
-
 if __name__ == "__main__":
-    if not all(shutil.which(tool) for tool in ("wrk", "nginx", "haproxy", "node")):
+    if not all(shutil.which(tool) for tool in proxies.TOOLS):
         sys.exit("bench needs wrk, nginx, haproxy and node: run it with `make bench-gateway`")
     main()

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,11 +109,14 @@ class Path_:
     name: str
     url: str
     proxies: list[int] = field(default_factory=list)  # pids whose CPU counts for this path
+    kinds: list[str] = field(default_factory=list)  # optional: the kind of each proxy ("gateway", "sidecar")
+    apps: list[int] = field(default_factory=list)  # optional: app pids, measured apart from the proxies
     rps: list[float] = field(default_factory=list)
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
     cpu_each: list[list[float]] = field(default_factory=list)  # per proxy process, per round
+    app_us: list[float] = field(default_factory=list)  # the apps together, per round
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -125,8 +129,11 @@ def _ms(text: str) -> float:
 
 def wrk(url: str, seconds: float, connections: int = 50) -> tuple[float, float, float, int]:
     """(requests/s, p50 ms, p99 ms, requests)."""
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
-                         capture_output=True, text=True, check=True).stdout
+    run = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"wrk {url} failed ({run.returncode}): {run.stderr.strip() or run.stdout.strip()}")
+    out = run.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = _ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1))
     p99 = _ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1))
@@ -140,23 +147,27 @@ def wrk(url: str, seconds: float, connections: int = 50) -> tuple[float, float, 
 def measure(paths: list[Path_], rounds: int, seconds: float) -> None:
     for number in range(1, rounds + 1):
         for path in paths:
-            before = [cpu_seconds(pid) for pid in path.proxies]
+            pids = path.proxies + path.apps
+            before = [cpu_seconds(pid) for pid in pids]
             rps, p50, p99, total = wrk(path.url, seconds)
-            after = [cpu_seconds(pid) for pid in path.proxies]
+            after = [cpu_seconds(pid) for pid in pids]
             path.rps.append(rps)
             path.p50.append(p50)
             path.p99.append(p99)
+            spent = [(a - b) / total * 1e6 for a, b in zip(after, before)]
+            each, apps = spent[:len(path.proxies)], spent[len(path.proxies):]
             if path.proxies:
-                each = [(a - b) / total * 1e6 for a, b in zip(after, before)]
                 path.cpu_us.append(sum(each))
                 path.cpu_each.append(each)
+            if path.apps:
+                path.app_us.append(sum(apps))
         print(f"round {number}/{rounds}: " + ", ".join(f"{p.name} {p.rps[-1]:.0f} req/s" for p in paths),
               file=sys.stderr)
 
 
 def reset(paths: list[Path_]) -> None:
     for p in paths:
-        for series in (p.rps, p.p50, p.p99, p.cpu_us, p.cpu_each):
+        for series in (p.rps, p.p50, p.p99, p.cpu_us, p.cpu_each, p.app_us):
             series.clear()
 
 
@@ -165,10 +176,26 @@ def per_proxy(path: Path_) -> list[float]:
     return [statistics.median(r[i] for r in path.cpu_each) for i in range(len(path.proxies))]
 
 
-def table(paths: list[Path_], baseline: Path_, second: Path_ | None = None) -> str:
-    """Medians per path; ratios against `baseline` (and `second`, e.g. nginx, if given)."""
+def by_kind(path: Path_) -> dict[str, float]:
+    """Median CPU us/req of each kind of proxy on a path (the processes of a kind summed
+    per round, then the median over rounds), in the order the kinds first appear."""
+    kinds = list(dict.fromkeys(path.kinds))
+    return {kind: statistics.median(sum(v for v, k in zip(r, path.kinds) if k == kind) for r in path.cpu_each)
+            for kind in kinds}
+
+
+def table(paths: list[Path_], baseline: Path_, second: Path_ | None = None,
+          extra: list[tuple[str, Callable[[Path_], str]]] = (), markdown: bool = False) -> str:
+    """Medians per path; ratios against `baseline` (and `second`, e.g. nginx, if given);
+    `extra` columns (header, cell of a path) go after the proxy CPU column."""
+    return render(table_rows(paths, baseline, second, extra), markdown)
+
+
+def table_rows(paths: list[Path_], baseline: Path_, second: Path_ | None = None,
+               extra: list[tuple[str, Callable[[Path_], str]]] = ()) -> list[tuple[str, ...]]:
+    """The header and one row of cells per path, for render()."""
     med = statistics.median
-    head = ["path", "req/s", "p50 ms", "p99 ms", "proxy CPU us/req", "req/s vs direct"]
+    head = ["path", "req/s", "p50 ms", "p99 ms", "proxy CPU us/req", *(h for h, _ in extra), "req/s vs direct"]
     if second is not None:
         head += [f"req/s vs {second.name.split()[0]}", f"CPU vs {second.name.split()[0]}"]
     rows = [tuple(head)]
@@ -176,13 +203,24 @@ def table(paths: list[Path_], baseline: Path_, second: Path_ | None = None) -> s
         row = [
             p.name, f"{med(p.rps):.0f}", f"{med(p.p50):.2f}", f"{med(p.p99):.2f}",
             f"{med(p.cpu_us):.1f}" if p.cpu_us else "-",
+            *(cell(p) for _, cell in extra),
             f"{med(p.rps) / med(baseline.rps):.2f}x",
         ]
         if second is not None:
             row.append(f"{med(p.rps) / med(second.rps):.2f}x")
             row.append(f"{med(p.cpu_us) / med(second.cpu_us):.2f}x" if p.cpu_us and second.cpu_us else "-")
         rows.append(tuple(row))
+    return rows
+
+
+def render(rows: list[tuple[str, ...]], markdown: bool = False) -> str:
+    """Aligned columns; with `markdown`, a Markdown table (still aligned, so it reads in a
+    terminal and pastes into a README)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    if markdown:
+        lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+        lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+        return "\n".join(lines)
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -7,7 +7,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.meshvisor-installed
 CONSUL  := .tools/consul/usr/bin/consul
 
-.PHONY: setup start test bench-sidecar bench-gateway clean-state consul postgres wrk proxies
+.PHONY: setup start test bench bench-sidecar bench-gateway clean-state consul postgres wrk proxies
 
 setup: $(STAMP) consul postgres
 
@@ -41,6 +41,10 @@ proxies: wrk
 
 bench-gateway: setup proxies
 	@$(VENV)/bin/python -m bench.gateway $(BENCH_ARGS)
+
+# The benchmark report (bench/README.md): the whole stack under the supervisor, every path, one table.
+bench: setup proxies
+	@$(VENV)/bin/python -m bench.report $(BENCH_ARGS)
 
 clean-state:
 	rm -rf .state

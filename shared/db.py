@@ -71,6 +71,11 @@ def is_unavailable(exc: BaseException) -> bool:
     # Using a connection the server already closed; other InterfaceErrors are our bugs.
     if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
         return True
+    # The server ended the session while the connection sat idle in the pool: asyncpg is
+    # still waiting for a ReadyForQuery that never comes, and refuses the next query
+    # with "cannot switch to state ..." (seen when PostgreSQL shuts down under load).
+    if isinstance(exc, asyncpg.InternalClientError) and "cannot switch to state" in str(exc):
+        return True
     return False
 
 

@@ -66,6 +66,7 @@ def test_is_unavailable_tells_connection_failures_from_query_errors():
     assert is_unavailable(pgerr.CannotConnectNowError("starting up"))
     assert is_unavailable(asyncpg.InterfaceError("cannot perform operation: connection is closed"))
     assert is_unavailable(DatabaseUnavailable("x"))
+    assert is_unavailable(asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"))
     assert not is_unavailable(pgerr.UniqueViolationError("dup"))
     assert not is_unavailable(pgerr.QueryCanceledError("statement timeout"))
     assert not is_unavailable(pgerr.UndefinedTableError("no such table"))

@@ -110,13 +110,14 @@ class Path_:
     url: str
     proxies: list[int] = field(default_factory=list)  # pids whose CPU counts for this path
     kinds: list[str] = field(default_factory=list)  # optional: the kind of each proxy ("gateway", "sidecar")
-    apps: list[int] = field(default_factory=list)  # optional: app pids, measured apart from the proxies
+    # Optional: other processes measured apart from the proxies, by label (e.g. "app": the app pids).
+    others: dict[str, list[int]] = field(default_factory=dict)
     rps: list[float] = field(default_factory=list)
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
     cpu_each: list[list[float]] = field(default_factory=list)  # per proxy process, per round
-    app_us: list[float] = field(default_factory=list)  # the apps together, per round
+    others_us: dict[str, list[float]] = field(default_factory=dict)  # per label: its processes summed, per round
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -147,7 +148,7 @@ def wrk(url: str, seconds: float, connections: int = 50) -> tuple[float, float, 
 def measure(paths: list[Path_], rounds: int, seconds: float) -> None:
     for number in range(1, rounds + 1):
         for path in paths:
-            pids = path.proxies + path.apps
+            pids = path.proxies + [pid for group in path.others.values() for pid in group]
             before = [cpu_seconds(pid) for pid in pids]
             rps, p50, p99, total = wrk(path.url, seconds)
             after = [cpu_seconds(pid) for pid in pids]
@@ -155,20 +156,22 @@ def measure(paths: list[Path_], rounds: int, seconds: float) -> None:
             path.p50.append(p50)
             path.p99.append(p99)
             spent = [(a - b) / total * 1e6 for a, b in zip(after, before)]
-            each, apps = spent[:len(path.proxies)], spent[len(path.proxies):]
+            each, rest = spent[:len(path.proxies)], spent[len(path.proxies):]
             if path.proxies:
                 path.cpu_us.append(sum(each))
                 path.cpu_each.append(each)
-            if path.apps:
-                path.app_us.append(sum(apps))
+            for label, group in path.others.items():
+                path.others_us.setdefault(label, []).append(sum(rest[:len(group)]))
+                rest = rest[len(group):]
         print(f"round {number}/{rounds}: " + ", ".join(f"{p.name} {p.rps[-1]:.0f} req/s" for p in paths),
               file=sys.stderr)
 
 
 def reset(paths: list[Path_]) -> None:
     for p in paths:
-        for series in (p.rps, p.p50, p.p99, p.cpu_us, p.cpu_each, p.app_us):
+        for series in (p.rps, p.p50, p.p99, p.cpu_us, p.cpu_each):
             series.clear()
+        p.others_us.clear()
 
 
 def per_proxy(path: Path_) -> list[float]:

@@ -113,18 +113,26 @@ def run(stack: Stack, procs: Processes, args) -> list[Phase]:
     haproxy1_port, haproxy1 = proxies.haproxy(procs, app_ports, item)
     node_port, node = proxies.node_express(procs, app_ports[0], item)
 
+    supervisor = stack.supervisor()
+
+    def others(apps: list[int]) -> dict[str, list[int]]:
+        return {"app": apps, "supervisor": [supervisor]}
+
     def gateway_path(name: str, gateways: list[int], sidecars: list[int], apps: list[int]) -> Path_:
         return Path_(name, stack.url + item, gateways + sidecars,
-                     ["gateway"] * len(gateways) + ["sidecar"] * len(sidecars), apps)
+                     ["gateway"] * len(gateways) + ["sidecar"] * len(sidecars), others(apps))
 
     def proxy_path(name: str, port: int, pids: list[int], apps: list[int]) -> Path_:
-        return Path_(name, url(port), pids, [name.split()[0]] * len(pids), apps)
+        return Path_(name, url(port), pids, [name.split()[0]] * len(pids), others(apps))
 
-    direct = Path_("direct (app)", url(app_ports[0]), apps=apps[:1])
+    def direct_path(name: str, port: int, app: int) -> Path_:
+        return Path_(name, url(port), others=others([app]))
+
+    direct = direct_path("direct (app)", app_ports[0], apps[0])
     nginx = proxy_path("nginx -> app", nginx1_port, nginx1, apps)
     measured(Phase("1 instance, 1 gateway", [
         direct,
-        Path_("sidecar -> app", url(sidecar_ports[0]), sidecars, ["sidecar"], apps),
+        Path_("sidecar -> app", url(sidecar_ports[0]), sidecars, ["sidecar"], others(apps)),
         gateway_path("gateway -> sidecar -> app", gateways, sidecars, apps),
         nginx,
         proxy_path("haproxy -> app", haproxy1_port, haproxy1, apps),
@@ -138,7 +146,7 @@ def run(stack: Stack, procs: Processes, args) -> list[Phase]:
     assert apps3[0] == apps[0], "scaling up replaced instance 1"
     nginx3_port, nginx3 = proxies.nginx(procs, app_ports, item)
     haproxy3_port, haproxy3 = proxies.haproxy(procs, app_ports, item)
-    direct = Path_("direct (app 1 of 3)", url(app_ports[0]), apps=apps3[:1])
+    direct = direct_path("direct (app 1 of 3)", app_ports[0], apps3[0])
     nginx = proxy_path("nginx -> 3 apps", nginx3_port, nginx3, apps3)
     measured(Phase("3 instances, 1 gateway", [
         direct,
@@ -153,7 +161,7 @@ def run(stack: Stack, procs: Processes, args) -> list[Phase]:
     # direct and nginx rows (drift between phases shows there).
     stack.scale("gateway", 2)
     gateways2 = stack.pids("gateway")
-    direct = Path_("direct (app 1 of 3)", url(app_ports[0]), apps=apps3[:1])
+    direct = direct_path("direct (app 1 of 3)", app_ports[0], apps3[0])
     nginx = proxy_path("nginx -> 3 apps", nginx3_port, nginx3, apps3)
     measured(Phase("3 instances, 2 gateways", [
         direct,
@@ -163,7 +171,7 @@ def run(stack: Stack, procs: Processes, args) -> list[Phase]:
 
     stack.scale("example", 1)
     assert stack.pids("example") == apps[:1], "scaling down replaced instance 1"
-    direct = Path_("direct (app)", url(app_ports[0]), apps=apps[:1])
+    direct = direct_path("direct (app)", app_ports[0], apps[0])
     nginx = proxy_path("nginx -> app", nginx1_port, nginx1, apps)
     measured(Phase("1 instance, 2 gateways", [
         direct,
@@ -180,11 +188,15 @@ def _kind(kind: str):
     return cell
 
 
-def _app(path: Path_) -> str:
-    return f"{med(path.app_us):.0f}" if path.app_us else "-"
+def _other(label: str, digits: int):
+    def cell(path: Path_) -> str:
+        series = path.others_us.get(label)
+        return f"{med(series):.{digits}f}" if series else "-"
+    return cell
 
 
-EXTRA = [("gateway us", _kind("gateway")), ("sidecar us", _kind("sidecar")), ("app us", _app)]
+EXTRA = [("gateway us", _kind("gateway")), ("sidecar us", _kind("sidecar")), ("app us", _other("app", 0)),
+         ("supervisor us", _other("supervisor", 1))]
 
 
 def report(phases: list[Phase], args, load: tuple[float, float, float], took: float) -> str:
@@ -194,19 +206,22 @@ def report(phases: list[Phase], args, load: tuple[float, float, float], took: fl
         if not rows:
             rows.append(("phase", *part[0]))
         rows += [(phase.label, *row) for row in part[1:]]
+    after = os.getloadavg()
     out = [
         f"meshvisor benchmark report, {datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}",
-        f"wrk -t1 -c50, GET one example item, {args.rounds} rounds x {args.seconds:g}s per path, paths interleaved "
-        f"within a phase, medians; load average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-        f"run took {took / 60:.1f} min",
+        f"wrk -t1 -c50, GET /api/v1/example/items/<id>, {args.rounds} rounds x {args.seconds:g}s per path, "
+        f"paths interleaved within a phase, medians; run took {took / 60:.1f} min; load average "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} before, {after[0]:.2f} {after[1]:.2f} {after[2]:.2f} after",
         "",
         render(rows, markdown=True),
         "",
-        "proxy CPU us/req: utime+stime (/proc/<pid>/stat) of every proxy process on the path / requests served "
-        "(gateway us, sidecar us: its split by kind, all processes of a kind summed); app us: the example app "
-        "processes on the path. Ratios against direct and nginx of the same phase.",
+        "CPU columns are us per request: utime+stime (/proc/<pid>/stat) during the run / requests wrk counted. "
+        "proxy CPU: every proxy process on the path (nginx: master + worker); gateway us, sidecar us: its split "
+        "by kind (the processes of a kind summed); app us: the example app process(es) behind the path; "
+        "supervisor us: the supervisor, which files every process's output (the access lines of gateway and "
+        "sidecars). Ratios against direct and nginx of the same phase.",
         "",
-        "targets:",
+        "targets (from the sidecar and gateway issues):",
         *targets(phases),
     ]
     return "\n".join(out)
@@ -218,18 +233,23 @@ def targets(phases: list[Phase]) -> list[str]:
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
+    nginx_us = med(one.nginx.cpu_us)
     sidecar = med(one.find("sidecar").cpu_us)
     gw_path = one.find("gateway")
     split = by_kind(gw_path)
     node = one.find("node")
     vs_node = med(gw_path.rps) / med(node.rps)
+    nginx_vs_node = med(one.nginx.rps) / med(node.rps)
     lines = [
-        f"- sidecar hop <= {SIDECAR_TARGET_US:g} us CPU/req: {verdict(sidecar <= SIDECAR_TARGET_US)} "
-        f"({sidecar:.1f} us alone; {split['sidecar']:.1f} us behind the gateway)",
+        f"- one sidecar hop <= {SIDECAR_TARGET_US:g} us CPU/req: {verdict(sidecar <= SIDECAR_TARGET_US)} "
+        f"({sidecar:.1f} us alone, {split['sidecar']:.1f} us behind the gateway; nginx on the same path "
+        f"{nginx_us:.1f} us, so the sidecar is {sidecar / nginx_us:.2f}x nginx)",
         f"- gateway <= {GATEWAY_TARGET_US:g} us CPU/req: {verdict(split['gateway'] <= GATEWAY_TARGET_US)} "
-        f"({split['gateway']:.1f} us; with 3 instances {by_kind(three.find('gateway'))['gateway']:.1f} us)",
-        f"- gateway + sidecar >= {NODE_TARGET_RATIO:g}x the req/s of node express + http-proxy-middleware: "
-        f"{verdict(vs_node >= NODE_TARGET_RATIO)} ({vs_node:.2f}x: {med(gw_path.rps):.0f} vs {med(node.rps):.0f} req/s)",
+        f"({split['gateway']:.1f} us = {split['gateway'] / nginx_us:.2f}x nginx; with 3 instances "
+        f"{by_kind(three.find('gateway'))['gateway']:.1f} us)",
+        f"- gateway + sidecar >= {NODE_TARGET_RATIO:g}x the req/s of express + http-proxy-middleware: "
+        f"{verdict(vs_node >= NODE_TARGET_RATIO)} ({vs_node:.2f}x: {med(gw_path.rps):.0f} vs {med(node.rps):.0f} "
+        f"req/s; nginx reaches {nginx_vs_node:.2f}x, direct {med(one.direct.rps) / med(node.rps):.2f}x)",
     ]
     growth = []
     for x1, x2, label in ((one, one_x2, "1 instance"), (three, three_x2, "3 instances")):

@@ -120,6 +120,10 @@ class Stack:
     def processes(self) -> list[dict]:
         return json.loads(self.cli("status", "--json"))["processes"]
 
+    def supervisor(self) -> int:
+        """The supervisor's own pid (it files every process's output, access logs included)."""
+        return json.loads(self.cli("status", "--json"))["supervisor"]["pid"]
+
     def pids(self, service: str, role: str = "app") -> list[int]:
         """Pids of the running processes of `service` with `role` (app or sidecar), by instance."""
         rows = sorted((r for r in self.processes() if r["service"] == service and r["role"] == role),

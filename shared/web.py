@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import urllib.parse
 from typing import Any, TypeVar
 
 import msgspec
@@ -104,6 +105,9 @@ def error_json(request: web.Request, status: int, message: str, error: str | Non
 @web.middleware
 async def errors(request: web.Request, handler):
     """Every exception becomes the error shape; only a bug (500) logs a traceback."""
+    raw = request.raw_path
+    if ("%" in raw or not raw.isascii()) and not _utf8_target(raw):
+        return error_json(request, 400, "the request's path or query is not valid UTF-8 once percent-decoded")
     try:
         return await handler(request)
     except ApiError as exc:
@@ -126,6 +130,20 @@ async def errors(request: web.Request, handler):
         # The traceback is for the operator; the client learns only that it was our fault.
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_json(request, 500, "internal server error")
+
+
+def _utf8_target(raw_path: str) -> bool:
+    """Whether a request target (path and query, still percent-encoded) decodes to UTF-8.
+
+    aiohttp and yarl decode an invalid sequence such as `%FF` leniently (left as it is, or
+    replaced), so without this check a filter or an id would silently become another
+    string than the client sent.
+    """
+    try:
+        urllib.parse.unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeError:  # a bad %-sequence (or raw non-ASCII, should a parser pass it on)
+        return False
+    return True
 
 
 def _message_of(request: web.Request, exc: web.HTTPException) -> str:
@@ -159,6 +177,10 @@ async def decode(request: web.Request, type_: type[T], *, max_size: int | None =
         raise ApiError(422, "request validation failed", details=validation_details(exc)) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
+    except UnicodeDecodeError:
+        # msgspec checks the bytes inside strings as it decodes them and lets this escape
+        # (it was a 500). JSON is UTF-8 (RFC 8259), whatever charset the client declared.
+        raise ApiError(400, "malformed JSON: the body is not valid UTF-8") from None
 
 
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"

@@ -38,6 +38,13 @@ _OPENAPI_CACHE = web.AppKey("openapi_cache", dict)
 DATABASE = web.AppKey("database", "DatabaseHook")
 
 MAX_BODY = 1024 * 1024  # bytes; our APIs take small JSON documents
+# The request head a service accepts. The relay in front of it (gateway, sidecar) is the
+# one place that bounds heads: above its 64 KiB it answers 431 in the error shape. aiohttp's
+# own limits are much lower (8190-byte lines, 128 headers) and it answers those with a
+# plain-text 400 that bypasses the error middleware, so they are raised past what a relay
+# passes on (the relays add a few headers of their own).
+APP_MAX_HEAD = 128 * 1024
+SERVER_LIMITS = {"max_line_size": APP_MAX_HEAD, "max_field_size": APP_MAX_HEAD, "max_headers": APP_MAX_HEAD // 4}
 SHUTDOWN_TIMEOUT = 10.0  # seconds in-flight requests get after SIGTERM
 HEALTH_TIMEOUT = 2.0  # seconds: a health check must answer well inside the checker's interval
 
@@ -105,6 +112,7 @@ def run(app: web.Application) -> None:
         access_log=None,  # the sidecar writes the access log; one line per request is enough
         print=None,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
+        **SERVER_LIMITS,
     )
 
 

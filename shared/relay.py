@@ -35,6 +35,9 @@ from shared.telemetry import AccessLog, RelayMetrics
 MAX_HEAD = 64 * 1024  # larger request heads get 431
 REPLAY_LIMIT = 64 * 1024  # requests up to this size can be replayed on another instance
 PENDING_LIMIT = 256 * 1024  # body bytes held while connecting before we stop reading
+# How long a connection closed after an early answer (e.g. a 413 before the whole body
+# came) keeps discarding the rest of the request body; see ClientSide._linger.
+LINGER_SECONDS = 2.0
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 # Characters a client-supplied X-Request-Id may use (it ends up in logs and headers).
 _REQUEST_ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
@@ -147,7 +150,7 @@ class ClientSide(asyncio.Protocol):
 
     __slots__ = ("attempts", "backend", "body_mode", "body_seen", "buf", "busy", "closed", "connecting",
                  "deadline", "eof", "fresh_only", "head_out", "is_head", "keep_alive", "last_active",
-                 "method", "parser", "paused_upstream", "peer", "pending", "pending_size",
+                 "lingering", "method", "parser", "paused_upstream", "peer", "pending", "pending_size",
                  "reading_paused", "relay", "remaining", "replay", "replay_size", "req_done",
                  "request_id", "response_started", "retry_safe", "route", "sent_any", "started", "status", "target",
                  "transport", "tried", "tunnel", "upgrade", "upstream")
@@ -164,6 +167,7 @@ class ClientSide(asyncio.Protocol):
         self.reading_paused = False
         self.paused_upstream: UpstreamSide | None = None
         self.eof = False
+        self.lingering = False
         self._reset()
 
     def _reset(self) -> None:
@@ -220,13 +224,15 @@ class ClientSide(asyncio.Protocol):
                 return
             self._request_body(data)
             return
+        if self.lingering:  # the rest of a body we answered early: discard
+            return
         self.buf = self.buf + data if self.buf else data
         self._next_request()
 
     def eof_received(self) -> bool:
         # A client half-closing after its request still wants the response.
         self.eof = True
-        return self.busy and self.req_done
+        return self.busy and self.req_done and not self.lingering
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -572,10 +578,14 @@ class ClientSide(asyncio.Protocol):
         self._finish_exchange(keep)
 
     def _finish_exchange(self, keep: bool) -> None:
+        unread = not self.req_done  # answered before the request body was all in
         self.busy = False
         self._reset()
         if not keep:
-            self.close()
+            if unread:
+                self._linger()
+            else:
+                self.close()
             return
         if self.reading_paused:
             self._resume_reading()
@@ -603,6 +613,28 @@ class ClientSide(asyncio.Protocol):
         self._record(status)
         self.transport.write(error_response(status, message, self.request_id or _new_id(), close=close))
         self._finish_exchange(keep=not close and self.keep_alive and not self.relay.draining)
+
+    def _linger(self) -> None:
+        """Close after answering while the client is still sending its request body.
+
+        Closing at once would leave its bytes unread, and the kernel answers those with a
+        reset that can destroy the answer before the client has read it (a proxy in front
+        then reports 502 instead of, say, a 413). So: half-close (the client reads the
+        answer, then EOF), discard what still arrives, close on the client's EOF or after
+        LINGER_SECONDS, as nginx's lingering close does.
+        """
+        transport = self.transport
+        if transport is None or self.closed or self.lingering:
+            return
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            self.close()
+            return
+        self.lingering = True
+        self.buf = b""
+        self._resume_reading()
+        self.relay.loop.call_later(LINGER_SECONDS, self.close)
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:

@@ -1328,6 +1328,36 @@ async def test_post_with_idempotency_key_is_retried_after_a_drop_and_a_503():
             await settled(route)
 
 
+async def test_an_early_answer_survives_the_rest_of_the_body():
+    """An instance answers 413 after the head and closes; the client is still sending its
+    body. The relay must not reset the client's connection under that answer (closing with
+    unread bytes does): it half-closes and discards the rest (lingering close)."""
+    async def early_413(backend, reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\nConnection: close\r\n\r\ntoo big")
+        await writer.drain()
+        while await reader.read(65536):  # the instance itself lingers: only the relay is tested
+            pass
+
+    async with RawBackend(early_413) as backend:
+        route = make_route(backend.port)
+        async with relay_stack(route) as stack:
+            for _ in range(3):
+                reader, writer = await raw_client(stack.port)
+                writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4000000\r\n\r\n" + b"a" * 65536)
+                await writer.drain()
+                await asyncio.sleep(0.3)  # the 413 has been relayed by now; not read yet
+                for _ in range(16):  # more body after the relay is done with the request
+                    writer.write(b"b" * 65536)
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.2)
+                resp = await read_message(reader)
+                assert resp.status == 413 and resp.body == b"too big"
+                assert await asyncio.wait_for(reader.read(), 5) == b""  # then EOF, never a reset
+                writer.close()
+        await settled(route)
+
+
 async def test_retries_are_bounded_by_the_route():
     dead = [closed_port() for _ in range(4)]
     route = make_route(*dead, retries=2, eject_after=1000)

@@ -22,10 +22,12 @@ from aiohttp import web
 
 from services.gateway.openapi import OpenApiMerger
 from services.gateway.routes import RouteTable, match
+from shared.app import SERVER_LIMITS
 from shared.balancing import Balancer
 from shared.consul import make_client
 from shared.relay import Relay, RelaySettings, Route
 from shared.telemetry import AccessLog, RelayMetrics
+from shared.web import errors, request_context
 from sidecar.registration import Registration
 
 log = logging.getLogger("meshvisor.gateway")
@@ -149,7 +151,8 @@ class Gateway:
     # -- the gateway's own endpoints -----------------------------------------------------
 
     async def _start_own_app(self) -> int:
-        app = web.Application()
+        # The shared middlewares: its 404/405 and errors in the error shape, request ids.
+        app = web.Application(middlewares=[request_context, errors])
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api-docs", self._docs_redirect)
@@ -157,7 +160,7 @@ class Gateway:
         app.router.add_get("/api-docs/openapi.json", self._openapi)
         app.router.add_get("/api-docs/swagger-initializer.js", self._initializer)
         app.router.add_static("/api-docs/", SWAGGER_DIR, show_index=False, follow_symlinks=False)
-        self._own_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._own_runner = web.AppRunner(app, access_log=None, handle_signals=False, **SERVER_LIMITS)
         await self._own_runner.setup()
         site = web.TCPSite(self._own_runner, "127.0.0.1", self.s.admin_port)
         await site.start()

@@ -32,11 +32,18 @@ class RotatingFile:
         self._size = self._file.tell()
 
     def write_line(self, stamp: str, text: bytes) -> None:
-        record = stamp.encode() + b" " + text.rstrip(b"\n") + b"\n"
-        if self._size + len(record) > self.max_bytes and self._size > 0:
+        self.write_lines(stamp, [text])
+
+    def write_lines(self, stamp: str, lines: list[bytes]) -> None:
+        """All `lines` with one stamp, in one write: a busy proxy's access log sends
+        hundreds of lines per read, and a write and a clock reading per line cost the
+        supervisor more CPU than the lines themselves."""
+        prefix = stamp.encode() + b" "
+        records = b"".join([prefix + line.rstrip(b"\n") + b"\n" for line in lines])
+        if self._size + len(records) > self.max_bytes and self._size > 0:
             self._rotate()
-        self._file.write(record)
-        self._size += len(record)
+        self._file.write(records)
+        self._size += len(records)
 
     def _rotate(self) -> None:
         self._file.close()
@@ -96,10 +103,15 @@ class ProcessLog:
         self.printer = printer
 
     def write(self, data: bytes) -> None:
+        self.write_lines([data])
+
+    def write_lines(self, lines: list[bytes]) -> None:
+        """Lines read together: they share one timestamp."""
         stamp = timestamp()
-        self.file.write_line(stamp, data)
+        self.file.write_lines(stamp, lines)
         if self.printer is not None:
-            self.printer.line(self.name, data.decode("utf-8", "replace"), stamp)
+            for line in lines:
+                self.printer.line(self.name, line.decode("utf-8", "replace"), stamp)
 
     def close(self) -> None:
         self.file.close()

@@ -253,8 +253,8 @@ class Process:
                 break
             pending += chunk
             *lines, pending = pending.split(b"\n")
-            for line in lines:
-                self.log.write(line)
+            if lines:
+                self.log.write_lines(lines)
             if len(pending) > 65536:  # no newline in sight: flush what we have
                 self.log.write(pending)
                 pending = b""

@@ -106,6 +106,9 @@ class ServiceSettings(_Strict):
     # Run a sidecar beside each instance: it registers the instance in Consul, proxies
     # inbound traffic to the app and serves the upstream listeners.
     sidecar: bool = True
+    # Extra environment of this service's sidecars, e.g. SIDECAR_ACCESS_LOG = "0" or
+    # SIDECAR_REQUEST_TIMEOUT = "60" (the ports and identity the supervisor sets win).
+    sidecar_env: dict[str, str] = {}
     version: str = "1"
     drain_seconds: float = 2.0  # how long a stopping sidecar keeps serving after deregistering
     stop_timeout: float | None = None
@@ -137,6 +140,7 @@ class Service(msgspec.Struct, kw_only=True):
     env: dict[str, str]
     port: int
     sidecar: bool
+    sidecar_env: dict[str, str]
     version: str
     drain_seconds: float
     stop_timeout: float
@@ -228,6 +232,7 @@ def _resolve_service(name: str, command: str, svc: ServiceSettings, file: FileSe
         env=dict(svc.env),
         port=svc.port,
         sidecar=svc.sidecar,
+        sidecar_env=dict(svc.sidecar_env),
         version=svc.version,
         drain_seconds=svc.drain_seconds,
         stop_timeout=svc.stop_timeout if svc.stop_timeout is not None else file.supervisor.stop_timeout,

@@ -19,6 +19,7 @@ route = "/api/v1/web"
 database = "web"
 upstreams = ["worker"]
 env = { GREETING = "hi" }
+sidecar_env = { SIDECAR_ACCESS_LOG = "0", SIDECAR_PORT = "1" }
 
 [services.web.restart]
 max_retries = 2
@@ -50,6 +51,17 @@ def test_valid_config_resolves_defaults_and_overrides(tmp_path):
     assert web.env == {"GREETING": "hi"} and web.upstreams == ["worker"]
     assert cfg.state_dir == tmp_path / ".state"
     assert cfg.services["worker"].ready == "process"
+
+
+def test_sidecar_env_reaches_the_sidecar_and_the_supervisors_keys_win(tmp_path):
+    from supervisor.instance import InstancePorts, sidecar_spec
+
+    web = load(write(tmp_path, GOOD)).services["web"]
+    spec = sidecar_spec(web, 1, InstancePorts(public=21001, app=21002, admin=21003), "web-n-1",
+                        {"PATH": "/bin"}, str(tmp_path))
+    assert spec.env["SIDECAR_ACCESS_LOG"] == "0" and spec.env["PATH"] == "/bin"
+    assert spec.env["SIDECAR_PORT"] == "21001", "a port the supervisor chose cannot be overridden"
+    assert "GREETING" not in spec.env, "the app's env is the app's"
 
 
 def test_the_shipped_config_is_valid():

@@ -44,7 +44,7 @@ class JsonFormatter(logging.Formatter):
             **self.fields,
         }
         rid = request_id.get()
-        if rid:
+        if rid and not getattr(record, "background", False):
             entry["request_id"] = rid
         extra = getattr(record, "fields", None)
         if extra:
@@ -54,7 +54,30 @@ class JsonFormatter(logging.Formatter):
         return _encode(entry).decode()
 
 
+class BackgroundNoise(logging.Filter):
+    """For a library's background upkeep (asyncpg's pool re-opening connections while
+    PostgreSQL is down, about once a second): the error's type instead of a traceback,
+    which is the same every time and may quote a DSN, and no request id, which is only
+    that of the request during which the upkeep task happened to be created."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.fields = {**(getattr(record, "fields", None) or {}), "error": type(record.exc_info[1]).__name__}
+            record.exc_info = None
+            record.exc_text = None
+        record.background = True
+        return True
+
+
+# Loggers of libraries' background tasks, quieted by BackgroundNoise.
+BACKGROUND_LOGGERS = ("asyncpg.pool",)
+
+
 def setup(component: str, service: str = "", instance: str = "", level: int = logging.INFO) -> None:
+    for name in BACKGROUND_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, BackgroundNoise) for f in logger.filters):
+            logger.addFilter(BackgroundNoise())
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter({"component": component, "service": service, "instance": instance}))
     root = logging.getLogger()

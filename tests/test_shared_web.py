@@ -478,3 +478,26 @@ def test_offset_is_bounded_below_postgres_bigint():
     assert msgspec.convert({"offset": 1_000_000_000}, Pagination).offset == 1_000_000_000
     with pytest.raises(msgspec.ValidationError, match="offset"):
         msgspec.convert({"offset": 381637380236823446421504}, Pagination)
+
+
+def test_a_librarys_background_upkeep_logs_one_line_without_a_request_id():
+    """asyncpg's pool logs a traceback about once a second while PostgreSQL is down, in a
+    task that inherited the request id of whichever request created it."""
+    import sys
+
+    from shared.log import BackgroundNoise, JsonFormatter, request_id
+
+    try:
+        raise ConnectionRefusedError("connect to postgresql://app:s3cret@127.0.0.1/db failed")
+    except ConnectionRefusedError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("asyncpg.pool", logging.WARNING, __file__, 1,
+                               "Failed to restore the pool connection floor; retrying", None, exc_info)
+    token = request_id.set("0" * 32)
+    try:
+        assert BackgroundNoise().filter(record)
+        line = json.loads(JsonFormatter({"component": "app"}).format(record))
+    finally:
+        request_id.reset(token)
+    assert line["error"] == "ConnectionRefusedError" and line["level"] == "warning"
+    assert "exception" not in line and "request_id" not in line and "s3cret" not in json.dumps(line)

@@ -579,6 +579,8 @@ class ClientSide(asyncio.Protocol):
 
     def _finish_exchange(self, keep: bool) -> None:
         unread = not self.req_done  # answered before the request body was all in
+        if self.connecting is not None:  # answered while still connecting (e.g. 413)
+            self.connecting.cancel()
         self.busy = False
         self._reset()
         if not keep:

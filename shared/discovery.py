@@ -86,6 +86,13 @@ def endpoints_from_health(entries: list[dict[str, Any]]) -> tuple[Endpoint, ...]
     return tuple(sorted(found, key=lambda e: e.id))
 
 
+def honours_idempotency_key(endpoints: tuple[Endpoint, ...]) -> bool:
+    """Whether every instance says (Meta idempotency_key, set from the service's config)
+    that it answers a repeated Idempotency-Key with the first outcome, so a keyed request
+    may be resent to another instance. All of them: a retry may land on any."""
+    return bool(endpoints) and all(e.meta.get("idempotency_key") == "true" for e in endpoints)
+
+
 def next_index(previous: int, returned: int) -> int:
     """The index to block on next, following Consul's rules for blocking clients.
 

@@ -11,8 +11,8 @@ Design, for CPU per request rather than convenience:
 
 Around that: picking an instance (shared.balancing), retries on another instance when
 a connection fails (any method: nothing was sent) or, for idempotent methods and requests
-carrying an Idempotency-Key, when the instance answers 502/503 or drops the connection
-before answering; connect and request
+carrying an Idempotency-Key to a service that honours it, when the instance answers
+502/503 or drops the connection before answering; connect and request
 timeouts; errors in the shared JSON shape; X-Request-Id and traceparent propagation;
 WebSocket (Upgrade) tunnelling; draining.
 """
@@ -59,6 +59,9 @@ class Route:
     connect_timeout: float = 2.0
     request_timeout: float = 30.0
     retries: int = 2
+    # The service honours Idempotency-Key (shared.discovery.honours_idempotency_key):
+    # a request carrying one may be resent like an idempotent one.
+    idempotency_key: bool = False
 
 
 @dataclass
@@ -312,10 +315,6 @@ class ClientSide(asyncio.Protocol):
         self.method, self.target = parts[0], parts[1]
         self.is_head = self.method == b"HEAD"
         lower = head.lower()
-        # Safe to send again after an instance failed mid-request: an idempotent method,
-        # or a client's Idempotency-Key, which the services honour (a repeat with the same
-        # key answers the first outcome instead of acting twice).
-        self.retry_safe = self.method in IDEMPOTENT or b"\r\nidempotency-key:" in lower
         connection = _header(lower, lower, b"connection")
         if parts[2] == b"HTTP/1.1":
             self.keep_alive = connection is None or b"close" not in connection
@@ -374,6 +373,10 @@ class ClientSide(asyncio.Protocol):
                         close=not self.req_done)
             return
         self.route = route
+        # Safe to send again after an instance failed mid-request: an idempotent method,
+        # or a client's Idempotency-Key to a service that declares it answers a repeated
+        # key with the first outcome instead of acting twice.
+        self.retry_safe = self.method in IDEMPOTENT or (route.idempotency_key and b"\r\nidempotency-key:" in lower)
         self.replay = [head]
         self.replay_size = len(head)
         if rest:

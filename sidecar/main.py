@@ -23,7 +23,7 @@ from aiohttp import web
 
 from shared.balancing import Balancer
 from shared.consul import make_client
-from shared.discovery import Endpoint, ServiceWatch
+from shared.discovery import Endpoint, ServiceWatch, honours_idempotency_key
 from shared.relay import Relay, RelaySettings, Route
 from shared.telemetry import AccessLog, RelayMetrics
 from sidecar.registration import Registration
@@ -56,6 +56,8 @@ class Sidecar:
             meta["route"] = s.route
         if s.openapi:
             meta["openapi"] = s.openapi
+        if s.idempotency_key:
+            meta["idempotency_key"] = "true"
         return meta
 
     # -- start ---------------------------------------------------------------------
@@ -122,16 +124,18 @@ class Sidecar:
             balancer = Balancer(name)
             self.balancers[name] = balancer
 
-            def update(endpoints: tuple[Endpoint, ...], balancer=balancer) -> None:
+            route = Route(name, balancer, connect_timeout=self.s.connect_timeout,
+                          request_timeout=self.s.request_timeout, retries=self.s.retries)
+
+            def update(endpoints: tuple[Endpoint, ...], balancer=balancer, route=route) -> None:
                 balancer.update((e.id, e.address, e.port, e.meta) for e in endpoints)
+                route.idempotency_key = honours_idempotency_key(endpoints)
                 log.info("upstream instances changed", extra={"fields": {
                     "upstream": balancer.name, "instances": [f"{e.address}:{e.port}" for e in endpoints]}})
 
             watch = ServiceWatch(self.consul, name, on_change=update, log=log)
             self.watches[name] = watch
             await watch.start()
-            route = Route(name, balancer, connect_timeout=self.s.connect_timeout,
-                          request_timeout=self.s.request_timeout, retries=self.s.retries)
             relay = Relay(RelaySettings("upstream"), lambda method, target, route=route: route,
                           self.metrics, self.access_log)
             await self._listen(relay, "127.0.0.1", port)

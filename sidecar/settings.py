@@ -25,6 +25,9 @@ class SidecarSettings(msgspec.Struct, kw_only=True):
     route: str
     openapi: str
     version: str
+    # The app answers a repeated Idempotency-Key with the first outcome on every
+    # non-idempotent operation: relays may then resend keyed requests (Meta idempotency_key).
+    idempotency_key: bool = False
     upstreams: dict[str, int]  # name -> local listener port
     consul_address: str
     consul_token: str
@@ -84,6 +87,7 @@ def from_env(env: dict[str, str] | None = None) -> SidecarSettings:
         route=env.get("SERVICE_ROUTE", ""),
         openapi=env.get("OPENAPI_PATH", ""),
         version=env.get("SERVICE_VERSION", "0"),
+        idempotency_key=env.get("SERVICE_IDEMPOTENCY_KEY", "") == "1",
         upstreams=upstreams,
         consul_address=env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
         consul_token=env.get("CONSUL_HTTP_TOKEN", ""),

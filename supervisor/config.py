@@ -109,6 +109,9 @@ class ServiceSettings(_Strict):
     # Extra environment of this service's sidecars, e.g. SIDECAR_ACCESS_LOG = "0" or
     # SIDECAR_REQUEST_TIMEOUT = "60" (the ports and identity the supervisor sets win).
     sidecar_env: dict[str, str] = {}
+    # The app answers a repeated Idempotency-Key with the first outcome on all its
+    # non-idempotent operations: the gateway and sidecars may then resend keyed requests.
+    idempotency_key: bool = False
     version: str = "1"
     drain_seconds: float = 2.0  # how long a stopping sidecar keeps serving after deregistering
     stop_timeout: float | None = None
@@ -141,6 +144,7 @@ class Service(msgspec.Struct, kw_only=True):
     port: int
     sidecar: bool
     sidecar_env: dict[str, str]
+    idempotency_key: bool
     version: str
     drain_seconds: float
     stop_timeout: float
@@ -233,6 +237,7 @@ def _resolve_service(name: str, command: str, svc: ServiceSettings, file: FileSe
         port=svc.port,
         sidecar=svc.sidecar,
         sidecar_env=dict(svc.sidecar_env),
+        idempotency_key=svc.idempotency_key,
         version=svc.version,
         drain_seconds=svc.drain_seconds,
         stop_timeout=svc.stop_timeout if svc.stop_timeout is not None else file.supervisor.stop_timeout,

@@ -139,6 +139,7 @@ def sidecar_spec(service: Service, index: int, ports: InstancePorts, service_id:
         SERVICE_ROUTE=service.route,
         OPENAPI_PATH=service.openapi,
         SERVICE_VERSION=service.version,
+        SERVICE_IDEMPOTENCY_KEY="1" if service.idempotency_key else "",
         SIDECAR_UPSTREAMS=",".join(f"{name}={port}" for name, port in ports.upstreams.items()),
         SIDECAR_DRAIN_SECONDS=str(service.drain_seconds),
         SIDECAR_REUSE_PORT="1" if service.port else "",

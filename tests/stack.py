@@ -59,6 +59,7 @@ route = "/api/v1/example"
 openapi = "/openapi.json"
 database = "example"
 upstreams = ["auth"]
+idempotency_key = true
 drain_seconds = 0.5
 {extra_config}
 """)

@@ -11,7 +11,8 @@ import pytest
 from consul.base import Response
 
 from shared.consul import make_client
-from shared.discovery import CatalogWatch, Endpoint, ServiceWatch, endpoints_from_health, next_index
+from shared.discovery import (CatalogWatch, Endpoint, ServiceWatch, endpoints_from_health, honours_idempotency_key,
+                              next_index)
 from sidecar.registration import Registration
 from tests.consul_testing import client, dev_agent, eventually, health_app  # noqa: F401 (fixtures)
 
@@ -43,6 +44,16 @@ def test_endpoints_from_health_uses_node_address_when_service_has_none():
         Endpoint(id="b-1", service="b", address="127.0.0.1", port=1, meta={"route": "/b"}),
         Endpoint(id="b-2", service="b", address="10.0.0.2", port=2, meta={}),
     )
+
+
+def test_idempotency_key_is_honoured_only_when_every_instance_says_so():
+    def endpoint(n: int, **meta: str) -> Endpoint:
+        return Endpoint(id=f"e-{n}", service="e", address="127.0.0.1", port=n, meta=meta)
+
+    assert honours_idempotency_key((endpoint(1, idempotency_key="true"), endpoint(2, idempotency_key="true")))
+    # A retry may land on any instance: one old-version instance without the flag is enough to say no.
+    assert not honours_idempotency_key((endpoint(1, idempotency_key="true"), endpoint(2)))
+    assert not honours_idempotency_key(())
 
 
 def test_next_index_follows_consuls_rules():

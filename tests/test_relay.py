@@ -1306,12 +1306,12 @@ async def test_dropped_connection_retried_for_get_502_for_post():
 
 
 async def test_post_with_idempotency_key_is_retried_after_a_drop_and_a_503():
-    """A client's Idempotency-Key makes a POST as safe to resend as a PUT: the services
-    answer a repeated key with the first outcome."""
+    """A client's Idempotency-Key makes a POST as safe to resend as a PUT, to a service
+    that declares it honours the key (answers a repeat with the first outcome)."""
     busy = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy"
     for failing in (lambda b, m, n: None, lambda b, m, n: busy):
         async with RawBackend(responder(failing)) as bad, RawBackend(responder(lambda b, m, n: ok(b"made"))) as good:
-            route = make_route(bad.port, good.port, eject_after=1000)
+            route = make_route(bad.port, good.port, eject_after=1000, idempotency_key=True)
             async with relay_stack(route) as stack:
                 route.balancer.backends[1].inflight += 1000
                 try:
@@ -1326,6 +1326,23 @@ async def test_post_with_idempotency_key_is_retried_after_a_drop_and_a_503():
                 assert [m.body for m in bad.requests] == [b"hi"] and [m.body for m in good.requests] == [b"hi"]
                 assert stack.metrics.retries == {"svc": 1}
             await settled(route)
+
+
+async def test_idempotency_key_is_not_a_retry_licence_for_a_service_that_ignores_it():
+    async with RawBackend(responder(lambda b, m, n: None)) as dropper, \
+            RawBackend(responder(lambda b, m, n: ok(b"made"))) as good:
+        route = make_route(dropper.port, good.port, eject_after=1000)  # no idempotency_key
+        async with relay_stack(route) as stack:
+            route.balancer.backends[1].inflight += 1000
+            try:
+                reader, writer = await raw_client(stack.port)
+                writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nIdempotency-Key: k-1\r\nContent-Length: 2\r\n\r\nhi")
+                assert_error(await read_message(reader), 502, "bad_gateway")
+                await close_writer(writer)
+            finally:
+                route.balancer.backends[1].inflight -= 1000
+            assert good.requests == [] and stack.metrics.retries == {}
+        await settled(route)
 
 
 async def test_an_early_answer_survives_the_rest_of_the_body():

@@ -40,7 +40,7 @@ def environ(pid: int) -> dict[str, str]:
 
 
 def test_registration_lifecycle(make_mesh, agent):
-    p = make_mesh({"api": 'instances = 2\nroute = "/api/v1/api"\nopenapi = "/openapi.json"'})
+    p = make_mesh({"api": 'instances = 2\nroute = "/api/v1/api"\nopenapi = "/openapi.json"\nidempotency_key = true'})
     started = time.monotonic()
     p.start()
     # start --detach returns only once Consul reports every instance passing.
@@ -52,6 +52,7 @@ def test_registration_lifecycle(make_mesh, agent):
         index = s["Meta"]["instance"]
         assert s["Port"] == rows[f"api.{index}.sidecar"]["port"], "Consul has the sidecar's public port"
         assert s["Meta"]["route"] == "/api/v1/api" and s["Meta"]["openapi"] == "/openapi.json"
+        assert s["Meta"]["idempotency_key"] == "true"
         assert s["Meta"]["version"] == "1" and s["ID"].startswith("api-") and s["ID"].endswith(f"-{index}")
     assert rows["api.1"]["consul"] in ("passing", "")  # filled in by the next status sample
     wait_for(lambda: rows_by_process(p)["api.1"]["consul"] == "passing", 5, what="status shows Consul health")

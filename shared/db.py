@@ -79,6 +79,12 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+# A transaction left open without a query for this long belongs to a stuck process (stopped,
+# or awaiting something it never should inside a transaction): the server ends the session,
+# releasing its locks, e.g. an Idempotency-Key that would otherwise turn every repeat away.
+IDLE_IN_TRANSACTION_MS = 30_000
+
+
 async def create_pool(
     dsn: str, *, min_size: int = 1, max_size: int = 10, command_timeout: float = 5.0
 ) -> asyncpg.Pool:
@@ -86,7 +92,8 @@ async def create_pool(
 
     Each connection starts with a server-side statement_timeout slightly below the client's
     command_timeout, so a slow query is cancelled by the server (a query error, the
-    connection stays usable) before the client gives up on the socket.
+    connection stays usable) before the client gives up on the socket, and with
+    idle_in_transaction_session_timeout (IDLE_IN_TRANSACTION_MS).
     Raises DatabaseUnavailable when the server cannot be reached.
     """
     statement_ms = max(1, int(command_timeout * 1000 * 0.9))
@@ -97,7 +104,8 @@ async def create_pool(
             max_size=max_size,
             command_timeout=command_timeout,
             timeout=command_timeout,  # connect timeout; asyncpg's default is 60 s
-            server_settings={"statement_timeout": str(statement_ms)},
+            server_settings={"statement_timeout": str(statement_ms),
+                             "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)},
         )
     except Exception as exc:
         if is_unavailable(exc):

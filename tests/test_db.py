@@ -227,6 +227,16 @@ async def test_statement_timeout_cancels_slow_queries_as_query_errors(dsn):
         await pool.close()
 
 
+async def test_pool_connections_bound_idle_transactions(dsn):
+    """A stuck process cannot hold locks forever: the server ends a session idle in a transaction."""
+    pool = await create_pool(dsn)
+    try:
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "30s"
+    finally:
+        await pool.close()
+
+
 async def test_unreachable_server_is_database_unavailable_without_the_password(postgres_server, caplog):  # noqa: F811
     caplog.set_level(logging.DEBUG)
     secret = "s3cret-Pa55word"

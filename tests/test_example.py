@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 import uuid
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -511,3 +512,47 @@ async def test_idempotency_key_answers_the_first_outcome(client, fake_auth, ada,
         await conn.close()
     late = await client.post(ITEMS, json=body, headers={**fake_auth.auth(ada), **key})
     assert late.status == 201 and "Idempotent-Replayed" not in late.headers and (await late.json())["id"] != made["id"]
+
+
+async def test_a_repeat_waits_for_a_first_request_still_running_then_gets_409(client, fake_auth, ada, database):
+    """The first request with a key holds its row until it commits or rolls back. A repeat
+    waits for it (storage.KEY_WAIT) and is then told to come back: a 409 in the error shape
+    with Retry-After, not a 500 when the statement timeout fires. Once the first rolled
+    back (its instance died), the repeat creates the item."""
+    conn = await asyncpg.connect(database)
+    try:
+        first = conn.transaction()
+        await first.start()
+        await conn.execute("INSERT INTO idempotency_keys (owner_id, key, fingerprint) VALUES ($1, 'slow', '')",
+                           uuid.UUID(ada))
+        started = time.monotonic()
+        resp = await client.post(ITEMS, json={"title": "slow"}, headers={**fake_auth.auth(ada), "Idempotency-Key": "slow"})
+        waited = time.monotonic() - started
+        assert resp.status == 409, await resp.text()
+        assert_error(await resp.json(), 409)
+        assert resp.headers["Retry-After"] == "1"
+        assert 1.5 < waited < 4, waited
+        await first.rollback()
+        resp = await client.post(ITEMS, json={"title": "slow"}, headers={**fake_auth.auth(ada), "Idempotency-Key": "slow"})
+        assert resp.status == 201 and "Idempotent-Replayed" not in resp.headers
+        assert await conn.fetchval("SELECT count(*) FROM items WHERE title = 'slow'") == 1
+    finally:
+        await conn.close()
+
+
+async def test_expired_keys_are_purged_in_the_background(database, fake_auth, ada, aiohttp_client, monkeypatch):
+    monkeypatch.setattr(example_app, "PURGE_EVERY", 0.2)
+    client = await aiohttp_client(example_app.build())
+    resp = await client.post(ITEMS, json={"title": "kept"}, headers={**fake_auth.auth(ada), "Idempotency-Key": "old"})
+    assert resp.status == 201
+    conn = await asyncpg.connect(database)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 1, "a fresh key is kept"
+        await conn.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours'")
+        deadline = time.monotonic() + 5
+        while await conn.fetchval("SELECT count(*) FROM idempotency_keys") and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+        assert await conn.fetchval("SELECT count(*) FROM items WHERE title = 'kept'") == 1  # items stay
+    finally:
+        await conn.close()

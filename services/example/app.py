@@ -13,6 +13,8 @@ e.g. http://127.0.0.1:20011), AUTH_ISSUER (default "meshvisor-auth"), AUTH_AUDIE
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -22,8 +24,8 @@ from aiohttp import web
 from services.example import storage
 from services.example.identity import DEFAULT_AUDIENCE, DEFAULT_ISSUER, Authenticator
 from services.example.owners import AuthUnavailable, OwnerDirectory
-from services.example.storage import ItemNotFound, ItemQuery, KeyReused, NotOwner
-from shared.app import create_app, get_pool
+from services.example.storage import ItemNotFound, ItemQuery, KeyInProgress, KeyReused, NotOwner
+from shared.app import create_app, get_pool, pool_of
 from shared.errors import ApiError
 from shared.openapi import Routes
 from shared.types import Item, ItemCreate, ItemPage, ItemUpdate
@@ -32,6 +34,9 @@ from shared.web import decode, idempotency_key, json_response, query
 MIGRATIONS = Path(__file__).parent / "migrations"
 ITEMS = "/api/v1/example/items"
 ITEM = ITEMS + "/{item_id}"
+PURGE_EVERY = 600.0  # seconds between purges of expired Idempotency-Keys
+
+log = logging.getLogger("meshvisor.example")
 
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 OWNERS = web.AppKey("owners", OwnerDirectory)
@@ -41,12 +46,13 @@ _ITEM_ID = {"item_id": uuid.UUID}
 _TAGS = ("items",)
 
 
-@api.post(ITEMS, request=ItemCreate, response=Item, status=201, auth=True, idempotent=True, errors=(401, 503),
+@api.post(ITEMS, request=ItemCreate, response=Item, status=201, auth=True, idempotent=True, errors=(401, 409, 503),
           tags=_TAGS, summary="Create an item owned by the caller",
           description="With an `Idempotency-Key` header, a repeat of the same request (by the same user, "
                       "within a day) answers the item the first one created, with `Idempotent-Replayed: true`, "
                       "instead of creating another; the gateway may then also resend it to another instance "
-                      "if one fails mid-request. The same key with a different body is a 422.")
+                      "if one fails mid-request. The same key with a different body is a 422; a repeat that "
+                      "arrives while the first is still running waits up to 2 s for it, then gets a 409.")
 async def create_item(request: web.Request) -> web.Response:
     owner_id = await request.app[AUTHENTICATOR].user_id(request)
     key = idempotency_key(request)
@@ -60,6 +66,9 @@ async def create_item(request: web.Request) -> web.Response:
     except KeyReused:
         raise ApiError(422, "Idempotency-Key was already used for a different request",
                        details=[{"field": "Idempotency-Key", "message": "use a new key for a new request"}]) from None
+    except KeyInProgress:
+        raise ApiError(409, "a request with this Idempotency-Key is still in progress; repeat it later",
+                       headers={"Retry-After": "1"}) from None
     item.owner = owner[owner_id]
     return json_response(item, status=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
@@ -157,6 +166,22 @@ async def _attach_owners(request: web.Request, items: list[Item]) -> None:
         item.owner = owners[item.owner_id]
 
 
+async def _purge_old_keys_forever(app: web.Application) -> None:
+    """Forgets expired Idempotency-Keys every PURGE_EVERY seconds, off the request path
+    (every instance does; a second DELETE finds nothing). The database being down only
+    postpones it."""
+    while True:
+        pool = pool_of(app)
+        if pool is not None:
+            try:
+                forgotten = await storage.purge_old_keys(pool)
+                if forgotten:
+                    log.info("forgot %d expired idempotency keys", forgotten)
+            except Exception as exc:
+                log.warning("purging expired idempotency keys failed: %s", type(exc).__name__)
+        await asyncio.sleep(PURGE_EVERY)
+
+
 def build(*, auth_url: str | None = None, owner_ttl: float = 30.0, auth_timeout: float = 2.0) -> web.Application:
     """The app; `auth_url` defaults to UPSTREAM_AUTH_URL (checked at start-up, so the app
     can be built, e.g. for its OpenAPI document, without it)."""
@@ -175,8 +200,17 @@ def build(*, auth_url: str | None = None, owner_ttl: float = 30.0, auth_timeout:
         await authenticator.close()
         await owners.close()
 
+    purging: list[asyncio.Task] = []
+
+    async def start_purging(app: web.Application) -> None:
+        purging.append(asyncio.create_task(_purge_old_keys_forever(app)))
+
+    async def stop_purging(app: web.Application) -> None:
+        for task in purging:
+            task.cancel()
+
     app = create_app("example", routes=api, migrations=MIGRATIONS,
-                     on_startup=[start_clients], on_cleanup=[close_clients])
+                     on_startup=[start_clients, start_purging], on_cleanup=[close_clients, stop_purging])
     app[AUTHENTICATOR] = authenticator
     app[OWNERS] = owners
     return app

@@ -9,7 +9,6 @@ from the request. Functions here know nothing about HTTP: they raise `ItemNotFou
 from __future__ import annotations
 
 import hashlib
-import time
 import uuid
 from typing import Annotated
 
@@ -36,10 +35,16 @@ class KeyReused(Exception):
     """An Idempotency-Key already used by this owner for a different request."""
 
 
-# How long an Idempotency-Key is remembered, and how often a process purges older ones.
+class KeyInProgress(Exception):
+    """The first request with this Idempotency-Key has not finished yet."""
+
+
+# How long an Idempotency-Key is remembered (purge_old_keys forgets older ones).
 KEY_RETENTION = "24 hours"
-PURGE_EVERY = 600.0
-_next_purge = 0.0
+# How long a repeat waits for the first request with its key to commit or roll back before
+# it is told to come back (409): longer than a create takes, well below the statement
+# timeout, so a stuck first attempt never turns its repeats into 500s.
+KEY_WAIT = "2s"
 
 
 class ItemQuery(Pagination, kw_only=True):
@@ -75,7 +80,6 @@ async def create_item(pool: asyncpg.Pool, owner_id: uuid.UUID, new: ItemCreate,
     """
     # Not through db.run: an insert is not idempotent, so it must not be retried blindly.
     async with db.acquire(pool) as conn:
-        await _purge_old_keys(conn)
         async with conn.transaction():
             if idempotency_key is not None:
                 fingerprint = hashlib.sha256(msgspec.json.encode(new)).digest()
@@ -95,27 +99,40 @@ async def create_item(pool: asyncpg.Pool, owner_id: uuid.UUID, new: ItemCreate,
 
 
 async def _claim_key(conn: asyncpg.Connection, owner_id: uuid.UUID, key: str, fingerprint: bytes) -> Item | None:
-    """Claims `key` for this transaction (None), or returns the item its first use created."""
+    """Claims `key` for this transaction (None), or returns the item its first use created.
+
+    A repeat arriving while the first is still running waits (at most KEY_WAIT) on the
+    first one's row lock: when the first commits, its item is the answer; when it rolls
+    back (its instance died mid-request), the repeat claims the key and creates the item.
+    """
+    await conn.execute(f"SET LOCAL lock_timeout = '{KEY_WAIT}'")
     await conn.execute(f"DELETE FROM idempotency_keys WHERE owner_id = $1 AND key = $2 "
                        f"AND created_at < now() - interval '{KEY_RETENTION}'", owner_id, key)
-    claimed = await conn.fetchval(
-        "INSERT INTO idempotency_keys (owner_id, key, fingerprint) VALUES ($1, $2, $3) "
-        "ON CONFLICT DO NOTHING RETURNING true", owner_id, key, fingerprint)
-    if claimed:
-        return None
-    row = await conn.fetchrow("SELECT fingerprint, response FROM idempotency_keys WHERE owner_id = $1 AND key = $2",
-                              owner_id, key)
+    for _ in range(2):  # twice: a key at the end of its retention may be purged between the two queries
+        try:
+            claimed = await conn.fetchval(
+                "INSERT INTO idempotency_keys (owner_id, key, fingerprint) VALUES ($1, $2, $3) "
+                "ON CONFLICT DO NOTHING RETURNING true", owner_id, key, fingerprint)
+        except asyncpg.LockNotAvailableError:
+            raise KeyInProgress(key) from None
+        if claimed:
+            return None
+        row = await conn.fetchrow("SELECT fingerprint, response FROM idempotency_keys WHERE owner_id = $1 AND key = $2",
+                                  owner_id, key)
+        if row is not None:
+            break
+    else:
+        raise KeyInProgress(key)
     if row["fingerprint"] != fingerprint:
         raise KeyReused(key)
     return msgspec.json.decode(row["response"], type=Item)
 
 
-async def _purge_old_keys(conn: asyncpg.Connection) -> None:
-    global _next_purge
-    now = time.monotonic()
-    if now >= _next_purge:
-        _next_purge = now + PURGE_EVERY
-        await conn.execute(f"DELETE FROM idempotency_keys WHERE created_at < now() - interval '{KEY_RETENTION}'")
+async def purge_old_keys(pool: asyncpg.Pool) -> int:
+    """Forgets keys older than KEY_RETENTION; the number forgotten."""
+    status = await db.run(pool, lambda conn: conn.execute(
+        f"DELETE FROM idempotency_keys WHERE created_at < now() - interval '{KEY_RETENTION}'"))
+    return int(status.split()[-1])
 
 
 async def get_item(pool: asyncpg.Pool, item_id: uuid.UUID) -> Item:

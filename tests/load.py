@@ -62,21 +62,27 @@ class LoadResult:
 
 class Load:
     """Paced load: `workers` clients, together about `rate` requests/s, until stop() or
-    `max_requests` or `max_seconds`, whichever comes first (a test never loops unbounded)."""
+    `max_seconds` (and, as a safety net, twice the requests that rate allows in that time),
+    whichever comes first: a test never loops unbounded.
+
+    A bound reached before stop() is a test bug (the fault would have been injected into
+    no load at all): stop() then fails, as it does when a worker crashed."""
 
     def __init__(self, url: str, token: str, *, workers: int = 6, rate: float = 150.0, write_share: float = 0.3,
-                 max_requests: int = 5000, max_seconds: float = 90.0, timeout: float = 10.0) -> None:
+                 max_requests: int | None = None, max_seconds: float = 90.0, timeout: float = 10.0) -> None:
         self.url = url
         self.token = token
         self.workers = workers
         self.interval = workers / rate
         self.write_share = write_share
-        self.max_requests = max_requests
+        self.max_requests = max_requests if max_requests is not None else int(2 * rate * max_seconds)
         self.max_seconds = max_seconds
         self.timeout = timeout
         self.result = LoadResult()
+        self.ended_by = ""  # why the load ended: "stop", "max_requests", "max_seconds"
+        self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="load", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="load", daemon=True)
         self._random = random.Random(7)
 
     def start(self) -> Load:
@@ -86,15 +92,39 @@ class Load:
     def run_for(self, seconds: float) -> None:
         """Let the load run `seconds` more (the thread keeps going meanwhile)."""
         time.sleep(seconds)
+        self.assert_running()
+
+    def assert_running(self) -> None:
+        """Fails when the load ended before stop() (a bound reached, a worker crashed)."""
+        if self._error is not None:
+            raise AssertionError("the load crashed") from self._error
+        assert self._thread.is_alive(), f"the load ended early ({self.ended_by}) after {self.count()} requests"
 
     def stop(self) -> LoadResult:
+        self.assert_running()
         self._stop.set()
-        self._thread.join(self.max_seconds + self.timeout + 10)
+        self._thread.join(self.timeout + 10)
         assert not self._thread.is_alive(), "load did not stop"
+        if self._error is not None:
+            raise AssertionError("the load crashed") from self._error
         return self.result
 
     def count(self) -> int:
         return len(self.result.outcomes)
+
+    def __enter__(self) -> Load:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Ends the load however the test ended, so a failed test's load never runs into the next one."""
+        self._stop.set()
+        self._thread.join(self.timeout + 10)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # kept for stop(), which the test calls in its own thread
+            self._error = exc
 
     async def _run(self) -> None:
         started = time.monotonic()
@@ -102,6 +132,12 @@ class Load:
         async with aiohttp.ClientSession(self.url, timeout=timeout) as session:
             await asyncio.gather(*(self._worker(session, started, n) for n in range(self.workers)))
         self.result.seconds = time.monotonic() - started
+        if self._stop.is_set():
+            self.ended_by = "stop"
+        elif len(self.result.outcomes) >= self.max_requests:
+            self.ended_by = "max_requests"
+        else:
+            self.ended_by = "max_seconds"
 
     async def _worker(self, session: aiohttp.ClientSession, started: float, number: int) -> None:
         await asyncio.sleep(self.interval * number / self.workers)  # spread the workers out

@@ -5,12 +5,15 @@ and updates its value when Consul answers with a change. If Consul is unreachabl
 serving the last known value, says so once, and retries quickly so that an agent restart
 is noticed within seconds. The gateway and the sidecars' upstreams both use it.
 
-After an agent restart (noticed as an outage: the open query breaks) its catalog is being
-rebuilt: a restarted dev agent knows nothing until every sidecar's anti-entropy has
-registered again, and a restarted server may report checks critical until they next run.
-For REBUILD_GRACE seconds an instance or service missing from the answer is therefore kept
-rather than dropped (the relays still eject an instance that really is gone); new ones
-are added at once, and the plain answer applies when the grace ends.
+After an agent restart its catalog is being rebuilt: a restarted dev agent knows nothing
+until every sidecar's anti-entropy has registered again, and a restarted server may report
+checks critical until they next run. A restart is what an outage looks like from here: at
+least two queries in a row failed (a restart takes longer than one retry), or one failed
+and the agent came back with a lower index (a new process). For REBUILD_GRACE seconds an
+instance or service missing from the answer is then kept rather than dropped (the relays
+still eject an instance that really is gone); new ones are added at once, and the plain
+answer applies when the grace ends. A single failed query alone (one timeout, one 500)
+is not a restart and must not hold on to instances that were removed meanwhile.
 """
 
 from __future__ import annotations
@@ -153,6 +156,11 @@ class _BlockingWatch(Generic[T]):
     # -- lifecycle
 
     @property
+    def rebuilding(self) -> bool:
+        """Whether missing entries are being kept, the agent having restarted (see above)."""
+        return asyncio.get_running_loop().time() < self._rebuild_until
+
+    @property
     def ready(self) -> bool:
         """True once a first answer arrived."""
         return self._ready.is_set()
@@ -183,7 +191,8 @@ class _BlockingWatch(Generic[T]):
         loop = asyncio.get_running_loop()
         retry = RetryDelay(RETRY_FIRST, RETRY_MAX)
         last_start = -math.inf
-        failed = False
+        failures = 0  # queries failed in a row
+        index_before = 0  # the index when they started failing
         while True:
             pause = last_start + MIN_QUERY_INTERVAL - loop.time()
             if pause > 0:
@@ -196,20 +205,21 @@ class _BlockingWatch(Generic[T]):
                 raise
             except Exception as exc:
                 self._outage.failed(exc, self._describe_kept())
+                if failures == 0:
+                    index_before = self.index
+                failures += 1
                 # The agent may come back as a new process whose indexes restarted low:
                 # blocking on our old, higher index would then hang for the whole wait.
                 self.index = 0
-                failed = True
                 await asyncio.sleep(retry.next())
                 continue
-            if failed and self.ready:
+            if failures and self.ready and (failures >= 2 or reply.index < index_before):
                 # Not on indexes going backwards alone: a stale read from a lagging
                 # server does that too, and must not delay removals.
                 self._rebuild_until = loop.time() + self.rebuild_grace
-            failed = False
-            rebuilding = loop.time() < self._rebuild_until
+            failures = 0
             try:
-                changed = self._apply(data, keep_missing=rebuilding)
+                changed = self._apply(data, keep_missing=self.rebuilding)
             except Exception as exc:  # a malformed answer: keep the last value
                 self._outage.failed(exc, self._describe_kept())
                 await asyncio.sleep(retry.next())

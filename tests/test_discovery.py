@@ -65,6 +65,9 @@ def test_next_index_follows_consuls_rules():
     assert next_index(0, 0) == 1  # a zero index would mean busy polling: clamp to 1
 
 
+FAIL = -1  # in a script: this query fails as if the agent were down
+
+
 class ScriptedHTTP:
     """Stands in for py-consul's HTTP adapter: answers from a script, records queries."""
 
@@ -81,6 +84,8 @@ class ScriptedHTTP:
             index = self.indexes.pop(0)
         else:
             index = self.indexes[0] + (len(self.queries) if self.then_grow else 0)
+        if index == FAIL:
+            raise ConnectionRefusedError("scripted failure")
         return callback(Response(200, {"X-Consul-Index": str(index)}, "[]"))
 
 
@@ -105,6 +110,22 @@ async def test_watch_blocks_with_the_last_index_and_restarts_when_it_goes_backwa
     assert third["index"] == "12"
     assert "index" not in fourth  # 3 < 12: the index went backwards, ask afresh
     assert fifth["index"] == "5"
+
+
+@pytest.mark.parametrize("script, restart", [
+    ([10, FAIL, 12, 12], False),  # one failed query: a hiccup, removals apply at once
+    ([10, FAIL, FAIL, 12, 12], True),  # failing for a while: the agent restarted
+    ([10, FAIL, 3, 3], True),  # back with a lower index: a new agent process
+])
+async def test_rebuild_grace_follows_an_agent_restart_not_a_single_failed_query(script, restart):
+    http = ScriptedHTTP(script)
+    watch = ServiceWatch(ScriptedClient(http), "svc", wait=7, log=lambda message: None)
+    await watch.start()
+    try:
+        await eventually(lambda: len(http.queries) >= len(script), 5, what="the script to be played")
+        assert watch.rebuilding is restart
+    finally:
+        await watch.stop()
 
 
 async def test_watch_rate_limits_an_index_that_changes_all_the_time():

@@ -22,6 +22,18 @@ _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# A sidecar's environment that the supervisor sets (supervisor/instance.sidecar_spec, and
+# [consul] for every process): sidecar_env may not name these, since a value there would
+# be either ignored or, for Consul's address, point one service's sidecars elsewhere.
+SIDECAR_ENV_FROM_SUPERVISOR = frozenset({
+    "SERVICE_NAME", "INSTANCE_INDEX", "SERVICE_ID", "SIDECAR_PORT", "APP_PORT", "SIDECAR_ADMIN_PORT",
+    "HEALTH_PATH", "SERVICE_ROUTE", "OPENAPI_PATH", "SERVICE_VERSION", "SERVICE_IDEMPOTENCY_KEY",
+    "SIDECAR_UPSTREAMS", "SIDECAR_DRAIN_SECONDS", "SIDECAR_REUSE_PORT", "CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN",
+})
+
+
 class ConfigError(Exception):
     """A configuration mistake; str() is the whole message shown to the operator."""
 
@@ -107,7 +119,7 @@ class ServiceSettings(_Strict):
     # inbound traffic to the app and serves the upstream listeners.
     sidecar: bool = True
     # Extra environment of this service's sidecars, e.g. SIDECAR_ACCESS_LOG = "0" or
-    # SIDECAR_REQUEST_TIMEOUT = "60" (the ports and identity the supervisor sets win).
+    # SIDECAR_REQUEST_TIMEOUT = "60" (not what the supervisor sets: SIDECAR_ENV_FROM_SUPERVISOR).
     sidecar_env: dict[str, str] = {}
     # The app answers a repeated Idempotency-Key with the first outcome on all its
     # non-idempotent operations: the gateway and sidecars may then resend keyed requests.
@@ -336,8 +348,14 @@ def _validate(config: Config, file: FileSettings, commands: dict[str, str], show
             if upstream == svc.name:
                 fail(f"{key}.upstreams", "a service cannot be its own upstream")
         for var in svc.env:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", var):
+            if not _ENV_NAME.match(var):
                 fail(f"{key}.env.{var}", "is not a valid environment variable name")
+        for var in svc.sidecar_env:
+            if not _ENV_NAME.match(var):
+                fail(f"{key}.sidecar_env.{var}", "is not a valid environment variable name")
+            if var in SIDECAR_ENV_FROM_SUPERVISOR:
+                fail(f"{key}.sidecar_env.{var}", "is set by the supervisor for each instance (ports, identity, "
+                     "the service's settings, [consul]): set the matching key of the config instead")
         if svc.upstreams and not svc.sidecar:
             fail(f"{key}.upstreams", "upstream listeners are served by the sidecar: needs sidecar = true")
         if svc.sidecar and not svc.health:

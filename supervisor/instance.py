@@ -127,7 +127,7 @@ def app_spec(service: Service, index: int, port: int, env: dict[str, str], cwd: 
 def sidecar_spec(service: Service, index: int, ports: InstancePorts, service_id: str,
                  env: dict[str, str], cwd: str) -> ProcessSpec:
     assert ports.admin is not None
-    env = {**env, **service.sidecar_env}
+    env = {**env, **service.sidecar_env}  # config.py refuses sidecar_env naming what follows
     env.update(
         SERVICE_NAME=service.name,
         INSTANCE_INDEX=str(index),

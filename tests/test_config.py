@@ -19,7 +19,7 @@ route = "/api/v1/web"
 database = "web"
 upstreams = ["worker"]
 env = { GREETING = "hi" }
-sidecar_env = { SIDECAR_ACCESS_LOG = "0", SIDECAR_PORT = "1" }
+sidecar_env = { SIDECAR_ACCESS_LOG = "0" }
 
 [services.web.restart]
 max_retries = 2
@@ -53,15 +53,20 @@ def test_valid_config_resolves_defaults_and_overrides(tmp_path):
     assert cfg.services["worker"].ready == "process"
 
 
-def test_sidecar_env_reaches_the_sidecar_and_the_supervisors_keys_win(tmp_path):
+def test_sidecar_env_reaches_the_sidecar_but_may_not_name_what_the_supervisor_sets(tmp_path):
+    from supervisor.config import SIDECAR_ENV_FROM_SUPERVISOR
     from supervisor.instance import InstancePorts, sidecar_spec
 
     web = load(write(tmp_path, GOOD)).services["web"]
-    spec = sidecar_spec(web, 1, InstancePorts(public=21001, app=21002, admin=21003), "web-n-1",
-                        {"PATH": "/bin"}, str(tmp_path))
+    base = {"PATH": "/bin", "CONSUL_HTTP_ADDR": "127.0.0.1:8500", "CONSUL_HTTP_TOKEN": "t"}  # as the daemon's
+    spec = sidecar_spec(web, 1, InstancePorts(public=21001, app=21002, admin=21003), "web-n-1", base, str(tmp_path))
     assert spec.env["SIDECAR_ACCESS_LOG"] == "0" and spec.env["PATH"] == "/bin"
-    assert spec.env["SIDECAR_PORT"] == "21001", "a port the supervisor chose cannot be overridden"
     assert "GREETING" not in spec.env, "the app's env is the app's"
+    # Every variable the supervisor sets is refused in sidecar_env, with the key named.
+    assert set(spec.env) - {"PATH", "SIDECAR_ACCESS_LOG"} == SIDECAR_ENV_FROM_SUPERVISOR
+    for var in ("SIDECAR_PORT", "CONSUL_HTTP_ADDR"):
+        message = error_of(tmp_path, GOOD.replace('SIDECAR_ACCESS_LOG = "0"', f'{var} = "1"'))
+        assert f"services.web.sidecar_env.{var}: is set by the supervisor" in message
 
 
 def test_the_shipped_config_is_valid():
@@ -85,6 +90,7 @@ def test_the_shipped_config_is_valid():
         ("[restart]\nmax_retries = 0\n[services.web]\n[services.worker]\n", "restart.max_retries"),
         ("[services.web.restart]\nbackoff_max = 0.1\n[services.worker]\n", "services.web.restart.backoff_max"),
         ("[services.web]\nenv = { 'BAD NAME' = 'x' }\n[services.worker]\n", "services.web.env.BAD NAME"),
+        ("[services.web]\nsidecar_env = { 'A=B' = 'x' }\n[services.worker]\n", "services.web.sidecar_env.A=B"),
         ("[services.web]\n[services.worker]\ndatabase='web'\n[services.web2]\n", "services.web2"),
     ],
 )

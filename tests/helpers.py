@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,38 +25,26 @@ PROGRAMS = ROOT / "tests" / "programs"
 PY = sys.executable
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _listen_range() -> tuple[int, int]:
+    """Ports for test servers: below the kernel's ephemeral range (ip_local_port_range).
+
+    A port from that range (what binding port 0 gives) can become the source port of some
+    outgoing connection between the test choosing it and a server binding it; a sidecar
+    then fails to bind on every restart (its port is fixed) and ends FATAL. Below the
+    range no connection takes a port by itself.
+    """
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    return 10000, max(ephemeral_low - 1, 12000)
 
 
-def free_ports(count: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-# Defaults of the shipped config (Consul, PostgreSQL, gateway): a range holding one of
-# them is refused by config validation, so tests never draw one.
-_DEFAULT_PORTS = (3000, 8300, 8301, 8302, 8500, 54329)
-
-
-def free_range(size: int) -> tuple[int, int]:
-    """A run of `size` consecutive ports that are free now."""
-    for _ in range(200):
-        start = free_port()
-        if start + size > 65000 or any(start <= p < start + size for p in _DEFAULT_PORTS):
-            continue
-        if all(_port_free(p) for p in range(start, start + size)):
-            return start, start + size - 1
-    raise RuntimeError("no free port range")
+# Defaults of the shipped config (Consul, PostgreSQL, gateway, the instance range): a
+# range holding one of them is refused by config validation, and a developer's running
+# stack may hold them, so tests never draw one.
+_DEFAULT_PORTS = frozenset((3000, 8300, 8301, 8302, 8500, 54329, *range(20000, 21000)))
+_random = random.Random()
 
 
 def _port_free(port: int) -> bool:
@@ -65,6 +54,35 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different ports that are free now (see _listen_range)."""
+    low, high = _listen_range()
+    ports: list[int] = []
+    for _ in range(1000):
+        port = _random.randint(low, high)
+        if port not in _DEFAULT_PORTS and port not in ports and _port_free(port):
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise RuntimeError(f"no {count} free ports in [{low}, {high}]")
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_range(size: int) -> tuple[int, int]:
+    """A run of `size` consecutive ports that are free now (see _listen_range)."""
+    low, high = _listen_range()
+    for _ in range(200):
+        start = _random.randint(low, high - size + 1)
+        if any(start <= p < start + size for p in _DEFAULT_PORTS):
+            continue
+        if all(_port_free(p) for p in range(start, start + size)):
+            return start, start + size - 1
+    raise RuntimeError("no free port range")
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):

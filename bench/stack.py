@@ -23,11 +23,11 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness import free_port
+# The tests' port helpers: ports below the kernel's ephemeral range, which no outgoing
+# connection (the gateway's pools, wrk's) can take between choosing one and binding it.
+from tests.helpers import free_port, free_range
 
 PY = sys.executable
-# Defaults of the shipped config: the supervisor refuses a port range that holds one.
-_DEFAULT_PORTS = (3000, 8300, 8301, 8302, 8500, 54329)
 
 CONFIG = """
 [supervisor]
@@ -61,28 +61,6 @@ database = "example"
 upstreams = ["auth"]
 drain_seconds = 0.5
 """
-
-
-def free_range(size: int) -> tuple[int, int]:
-    """`size` consecutive ports that are free now (none of them a default port)."""
-    for _ in range(200):
-        start = free_port()
-        if start + size > 65000 or any(start <= p < start + size for p in _DEFAULT_PORTS):
-            continue
-        if all(_port_free(p) for p in range(start, start + size)):
-            return start, start + size - 1
-    raise RuntimeError("no free port range")
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 class Stack:

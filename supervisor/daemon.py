@@ -23,7 +23,7 @@ from supervisor.infra import consul as consul_infra
 from supervisor.infra import postgres as postgres_infra
 from supervisor.instance import Instance, InstancePorts, app_spec, sidecar_spec
 from supervisor.logs import Printer, ProcessLog, RotatingFile, timestamp
-from supervisor.ports import PortAllocator, PortsExhausted
+from supervisor.ports import PortAllocator, PortsExhausted, ephemeral_overlap, ephemeral_range
 from supervisor.process import Process, ProcessSpec
 from supervisor.service import ServiceGroup
 from supervisor.watchdog import Watchdog
@@ -167,6 +167,12 @@ class Daemon:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal, sig)
             self.say(f"supervisor {os.getpid()} starting, state in {self.state_dir}")
+            overlap = ephemeral_overlap(*self.config.supervisor.port_range)
+            if overlap is not None:
+                self.say(f"warning: supervisor.port_range overlaps the kernel's ephemeral ports at "
+                         f"[{overlap[0]}, {overlap[1]}] (net.ipv4.ip_local_port_range): an outgoing "
+                         f"connection may take an instance's port while it restarts; move the range below "
+                         f"{ephemeral_range()[0]} or reserve it with net.ipv4.ip_local_reserved_ports")
             code = await self._serve()
         finally:
             await self._shutdown()

@@ -8,6 +8,9 @@ so a port some other program listens on is skipped.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 class PortsExhausted(Exception):
@@ -44,3 +47,21 @@ def is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel picks as source ports of outgoing connections."""
+    try:
+        low, high = (int(n) for n in EPHEMERAL_RANGE_FILE.read_text().split()[:2])
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
+
+def ephemeral_overlap(low: int, high: int) -> tuple[int, int] | None:
+    """The part of [low, high] the kernel may hand to outgoing connections, if any: such a
+    port can be taken by some connection while its instance restarts, which then cannot
+    bind it again."""
+    e_low, e_high = ephemeral_range()
+    start, end = max(low, e_low), min(high, e_high)
+    return (start, end) if start <= end else None

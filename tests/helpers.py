@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 
 from supervisor.control import ControlClient
+from supervisor.ports import ephemeral_range
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = ROOT / "tests" / "programs"
@@ -33,11 +34,7 @@ def _listen_range() -> tuple[int, int]:
     then fails to bind on every restart (its port is fixed) and ends FATAL. Below the
     range no connection takes a port by itself.
     """
-    try:
-        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
-    return 10000, max(ephemeral_low - 1, 12000)
+    return 10000, max(ephemeral_range()[0] - 1, 12000)
 
 
 # Defaults of the shipped config (Consul, PostgreSQL, gateway, the instance range): a
@@ -47,7 +44,7 @@ _DEFAULT_PORTS = frozenset((3000, 8300, 8301, 8302, 8500, 54329, *range(20000, 2
 _random = random.Random()
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -62,7 +59,7 @@ def free_ports(count: int) -> list[int]:
     ports: list[int] = []
     for _ in range(1000):
         port = _random.randint(low, high)
-        if port not in _DEFAULT_PORTS and port not in ports and _port_free(port):
+        if port not in _DEFAULT_PORTS and port not in ports and port_free(port):
             ports.append(port)
             if len(ports) == count:
                 return ports
@@ -80,7 +77,7 @@ def free_range(size: int) -> tuple[int, int]:
         start = _random.randint(low, high - size + 1)
         if any(start <= p < start + size for p in _DEFAULT_PORTS):
             continue
-        if all(_port_free(p) for p in range(start, start + size)):
+        if all(port_free(p) for p in range(start, start + size)):
             return start, start + size - 1
     raise RuntimeError("no free port range")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -10,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import PROGRAMS, PY, Project, alive, free_range, wait_for
+from tests.helpers import PROGRAMS, PY, Project, alive, free_range, port_free, wait_for
 
 
 def project(consul: str, services: dict[str, tuple[str, str]], extra: str = "") -> Project:
@@ -271,3 +272,26 @@ def test_foreground_start_prints_prefixed_logs_and_ctrl_c_stops_cleanly(make_pro
     assert any(" web.1 " in l and "| web.1: listening on" in l for l in lines)
     assert any("| stopping: received SIGINT" in l for l in lines)
     assert "\033[" not in out, "no colour codes when the output is not a terminal"
+
+
+def test_a_port_range_among_the_ephemeral_ports_is_warned_about(make_project, tmp_path, monkeypatch):
+    from supervisor import ports
+
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE_FILE", tmp_path / "range")
+    (tmp_path / "range").write_text("32768\t60999\n")
+    assert ports.ephemeral_overlap(20000, 20999) is None
+    assert ports.ephemeral_overlap(32000, 33000) == (32768, 33000)
+    assert ports.ephemeral_overlap(60000, 61999) == (60000, 60999)
+    monkeypatch.undo()
+
+    low, high = ports.ephemeral_range()
+    p = make_project({"web": ("", "")})
+    quiet = p.config_path.read_text()
+    p.start()
+    assert "ephemeral" not in p.log("supervisor"), "the tests' ranges lie below the ephemeral ports"
+    p.cli("stop", check=True)
+    start = next(s for s in range(low, high - 40, 40) if all(port_free(port) for port in range(s, s + 40)))
+    p.config_path.write_text(re.sub(r"port_range = \[\d+, \d+\]", f"port_range = [{start}, {start + 39}]", quiet))
+    p.start()
+    assert f"overlaps the kernel's ephemeral ports at [{start}, {start + 39}]" in p.log("supervisor")
+

@@ -117,23 +117,24 @@ class AccessLog:
         self.fd = fd
         self.interval = interval
         self.enabled = True
-        self._lines: list[bytes] = []
-        self._size = 0
+        # Lines are encoded straight onto the end of one buffer (msgspec's encode_into):
+        # no bytes object, concatenation and list entry per line, no join per flush.
+        self._buffer = bytearray()
         self._scheduled = False
-        self._encode = msgspec.json.Encoder().encode
+        self._encode_into = msgspec.json.Encoder().encode_into
 
     def record(self, listener: str, method: str, target: str, status: int, seconds: float,
                upstream: str, request_id: str, retries: int) -> None:
         if not self.enabled:
             return
         path = target.partition("?")[0]
-        line = self._encode(AccessLine(
+        buffer = self._buffer
+        self._encode_into(AccessLine(
             round(time.time(), 3), "info", "request", self.service, self.instance, listener,
             method, path, status, round(seconds * 1000, 3), upstream, request_id, retries,
-        )) + b"\n"
-        self._lines.append(line)
-        self._size += len(line)
-        if self._size > 65536:
+        ), buffer, -1)
+        buffer += b"\n"
+        if len(buffer) > 65536:
             self.flush()
         elif not self._scheduled:
             self._scheduled = True
@@ -141,12 +142,12 @@ class AccessLog:
 
     def flush(self) -> None:
         self._scheduled = False
-        if not self._lines:
+        buffer = self._buffer
+        if not buffer:
             return
-        data = b"".join(self._lines)
-        self._lines.clear()
-        self._size = 0
         try:
-            os.write(self.fd, data)
+            os.write(self.fd, buffer)
         except OSError:
             pass  # nobody reads our output any more: not a reason to stop serving
+        finally:
+            buffer.clear()

@@ -100,8 +100,13 @@ class Gateway:
                      request_timeout=self.s.request_timeout, retries=self.s.retries)
 
     def route_for(self, method: bytes, target: bytes) -> Route | None:
-        # The gateway's own paths first: no service may take /health or /api-docs.
-        return match(self.own_table, target) or self.table.match(target)
+        # The gateway's own paths first: no service may take /health or /api-docs. One
+        # C-level startswith over all their prefixes spares every other request the walk.
+        if target.startswith(OWN_PREFIXES):
+            own = match(self.own_table, target)
+            if own is not None:
+                return own
+        return self.table.match(target)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

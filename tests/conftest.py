@@ -24,3 +24,13 @@ def agent():
     a.start()
     yield a
     a.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures the fault and bad-input tests measured (tests/figures.py), passed or not."""
+    from tests.figures import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

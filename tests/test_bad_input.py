@@ -49,6 +49,7 @@ from shared.openapi import Routes
 from shared.relay import MAX_HEAD
 from shared.types import LoginRequest
 from shared.web import decode, json_response, query
+from tests.figures import figure
 from tests.helpers import ConsulDevAgent, wait_for
 from tests.stack import app_stack, call, shaped, user
 
@@ -857,9 +858,9 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(world, tmp_pa
     ops, cases = result["operations"], result["test_cases"]
     failures = [f"{f.get('operation', '?')}: {f.get('title') or f.get('code') or f}" for f in result["failures"]]
     phases = ", ".join(f"{name}={phase['status']}" for name, phase in result["phases"].items())
-    print(f"\nschemathesis {result['schemathesis_version']} seed={seed}: operations {ops['tested']}/{ops['total']} "
-          f"tested, {cases['generated']} cases generated, {cases['with_failures']} with failures "
-          f"({cases['unique_failures']} unique), {len(result['errors'])} errors, {seconds:.1f} s; phases: {phases}")
+    figure(f"[bad input] schemathesis {result['schemathesis_version']} seed={seed}: operations {ops['tested']}/{ops['total']} "
+           f"tested, {cases['generated']} cases generated, {cases['with_failures']} with failures "
+           f"({cases['unique_failures']} unique), {len(result['errors'])} errors, {seconds:.1f} s; phases: {phases}")
     detail = (f"\n--- schemathesis output (reproduce with BAD_INPUT_SEED={seed}) ---\n"
               f"{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}")
     assert proc.returncode == 0 and not result["failures"] and not result["errors"], "\n".join(failures) + detail

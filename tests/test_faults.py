@@ -18,6 +18,7 @@ import urllib.request
 import psutil
 import pytest
 
+from tests.figures import figure
 from tests.helpers import PY, ConsulDevAgent, alive, wait_for
 from tests.load import ITEMS, Load, LoadResult
 from tests.pg import PostgresServer
@@ -110,7 +111,7 @@ def duplicates(postgres: PostgresServer) -> int:
 
 def report(name: str, result: LoadResult, p=None, allowed: tuple[int, ...] = (), **figures) -> None:
     extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in figures.items())
-    print(f"\n[fault] {name}: {result.summary()}, failed {len(result.failed(allowed))}{extra}")
+    figure(f"[fault] {name}: {result.summary()}, failed {len(result.failed(allowed))}{extra}")
     if p is not None:
         explain(p, result.failed(allowed)[:5])
 
@@ -337,7 +338,7 @@ def test_7_supervisor_sigkill_then_start_again_keeps_the_data(agent_address):
         kept = [item_id for item_id in result.created
                 if call(p, "GET", f"/api/v1/example/items/{item_id}")[0] == 200]
         status, page = call(p, "GET", "/api/v1/example/items?limit=1")
-        print(f"\n[fault] supervisor SIGKILL: {len(stack_pids)} processes gone after {gone:.1f}s; "
+        figure(f"[fault] supervisor SIGKILL: {len(stack_pids)} processes gone after {gone:.1f}s; "
               f"start again took {restarted:.1f}s; {len(kept)}/{len(result.created)} acknowledged items found, "
               f"{page['total']} in all")
         assert len(kept) == len(result.created)
@@ -362,7 +363,7 @@ def test_8_app_exiting_at_once_ends_fatal_and_the_rest_keeps_serving(agent_addre
         with Load(p.url, token, rate=80, workers=4).start() as load:
             load.run_for(3)
             result = load.stop()
-        print(f"\n[fault] app exiting at once: FATAL {fatal:.1f}s after start ({row.get('reason', '')}); "
+        figure(f"[fault] app exiting at once: FATAL {fatal:.1f}s after start ({row.get('reason', '')}); "
               f"the rest: {result.summary()}, failed {len(result.failed())}")
         assert not result.failed() and result.sent > 100
         assert all(r["state"] == "RUNNING" for r in p.rows() if r["service"] != "broken")

@@ -257,6 +257,7 @@ class ClientSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.relay.connections.discard(self)
+        self.spare_parser = None  # it refers back to us: freed now rather than by the cyclic GC
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
@@ -297,6 +298,16 @@ class ClientSide(asyncio.Protocol):
 
     # -- requests ------------------------------------------------------------------
 
+    def _parse(self, parser: httptools.HttpRequestParser, head: bytes) -> bool:
+        """Feeds a whole request head to `parser`; False when llhttp refuses it."""
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            self.upgrade = True
+        except httptools.HttpParserError:
+            return False
+        return True
+
     def _next_request(self) -> None:
         buf = self.buf
         end = buf.find(b"\r\n\r\n")
@@ -317,17 +328,15 @@ class ClientSide(asyncio.Protocol):
         self.busy = True
         self.started = time.perf_counter()
         parser = self.spare_parser
-        if parser is None:
+        self.spare_parser = None
+        if parser is None or not self._parse(parser, head):
+            # A kept parser may hold the connection closed where the relay does not (it
+            # reads one Connection header; llhttp the last, and Proxy-Connection too):
+            # a fresh parser has the last word on whether the head is malformed.
             parser = httptools.HttpRequestParser(self)
-        else:
-            self.spare_parser = None
-        try:
-            parser.feed_data(head)
-        except httptools.HttpParserUpgrade:
-            self.upgrade = True
-        except httptools.HttpParserError:
-            self._reply(400, "malformed HTTP request", close=True)
-            return
+            if not self._parse(parser, head):
+                self._reply(400, "malformed HTTP request", close=True)
+                return
         # A parser that has seen a whole message (a head without a body: on_message_complete
         # set req_done) on a connection it considers open is ready for the next request of
         # the connection: kept for it rather than built anew per request.

@@ -114,8 +114,10 @@ class Sidecar:
     async def _start_inbound(self) -> None:
         app = Balancer(self.s.service, eject_after=1_000_000)  # one target: never eject it
         app.update([("app", "127.0.0.1", self.s.app_port, {})])
+        # retries=1: once more on a fresh connection when a pooled one turns out stale,
+        # which a keyed POST survives too when this app honours the key.
         route = Route("inbound", app, connect_timeout=self.s.connect_timeout,
-                      request_timeout=self.s.request_timeout, retries=1)
+                      request_timeout=self.s.request_timeout, retries=1, idempotency_key=self.s.idempotency_key)
         relay = Relay(RelaySettings("inbound"), lambda method, target: route, self.metrics, self.access_log)
         await self._listen(relay, self.s.host, self.s.port, reuse_port=self.s.reuse_port)
 

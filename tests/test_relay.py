@@ -1127,6 +1127,25 @@ async def test_malformed_request_after_good_ones_on_a_kept_alive_connection_is_4
         await settled(route)
 
 
+@pytest.mark.parametrize("first", [
+    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nProxy-Connection: close\r\n\r\n",
+], ids=["two-connection-headers", "proxy-connection-close"])
+async def test_a_parser_that_saw_a_close_does_not_refuse_the_next_request(first):
+    """The relay keeps these connections open (it reads the first Connection header and
+    not Proxy-Connection); llhttp took them as closing. The next, valid request is served."""
+    async with http_backend(echo) as port:
+        route = make_route(port)
+        async with relay_stack(route) as stack:
+            reader, writer = await raw_client(stack.port)
+            writer.write(first)
+            assert (await read_message(reader)).status == 200
+            writer.write(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_message(reader)).status == 200
+            await close_writer(writer)
+        await settled(route)
+
+
 @pytest.mark.parametrize("how", ["one-write", "unterminated", "trickled"])
 async def test_request_head_over_64k_is_431(how):
     async with RawBackend(responder(lambda b, m, n: ok())) as backend:
@@ -1409,20 +1428,23 @@ async def test_retries_are_bounded_by_the_route():
     await settled(route)
 
 
-@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("method", ["GET", "POST", "keyed POST"])
 async def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(method):
-    # The instance closes a kept-alive connection as its second request arrives.
+    # The instance closes a kept-alive connection as its second request arrives. (A
+    # sidecar's inbound route is one instance: this retry is all it has.)
     async with RawBackend(responder(lambda b, m, n: ok(b"fresh") if n == 0 else None)) as backend:
-        route = make_route(backend.port)
+        route = make_route(backend.port, idempotency_key=True)
         async with relay_stack(route) as stack:
             reader, writer = await raw_client(stack.port)
             writer.write(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
             assert (await read_message(reader)).body == b"fresh"
             await asyncio.sleep(0.05)
-            writer.write(method.encode() + b" /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz")
+            key = b"Idempotency-Key: k-9\r\n" if method == "keyed POST" else b""
+            writer.write(method.split()[-1].encode() + b" /2 HTTP/1.1\r\nHost: x\r\n" + key +
+                         b"Content-Length: 1\r\n\r\nz")
             resp = await read_message(reader)
             await close_writer(writer)
-        if method == "GET":
+        if method in ("GET", "keyed POST"):
             assert resp.body == b"fresh" and backend.connections == 2
             assert stack.metrics.retries == {"svc": 1}
         else:  # it may have been processed: not replayed

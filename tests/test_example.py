@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from services.example import app as example_app
+from services.example import storage
 from services.example.owners import AuthUnavailable, OwnerDirectory
 from services.example.storage import like_pattern
 from shared.tokens import SigningKey, generate_key, issue_access_token, jwks
@@ -536,23 +537,34 @@ async def test_a_repeat_waits_for_a_first_request_still_running_then_gets_409(cl
         resp = await client.post(ITEMS, json={"title": "slow"}, headers={**fake_auth.auth(ada), "Idempotency-Key": "slow"})
         assert resp.status == 201 and "Idempotent-Replayed" not in resp.headers
         assert await conn.fetchval("SELECT count(*) FROM items WHERE title = 'slow'") == 1
+
+        # The same when the row held is an expired use of the key (a concurrent reuse of
+        # it, or the purge, is deleting it): a 409, not a 500.
+        await conn.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'slow'")
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM idempotency_keys WHERE key = 'slow' FOR UPDATE")
+            resp = await client.post(ITEMS, json={"title": "slow"},
+                                     headers={**fake_auth.auth(ada), "Idempotency-Key": "slow"})
+            assert resp.status == 409, await resp.text()
     finally:
         await conn.close()
 
 
 async def test_expired_keys_are_purged_in_the_background(database, fake_auth, ada, aiohttp_client, monkeypatch):
     monkeypatch.setattr(example_app, "PURGE_EVERY", 0.2)
+    monkeypatch.setattr(storage, "PURGE_BATCH", 2)  # several batches
     client = await aiohttp_client(example_app.build())
-    resp = await client.post(ITEMS, json={"title": "kept"}, headers={**fake_auth.auth(ada), "Idempotency-Key": "old"})
-    assert resp.status == 201
+    for n in range(5):
+        resp = await client.post(ITEMS, json={"title": "kept"}, headers={**fake_auth.auth(ada), "Idempotency-Key": f"old-{n}"})
+        assert resp.status == 201
     conn = await asyncpg.connect(database)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 1, "a fresh key is kept"
+        assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 5, "fresh keys are kept"
         await conn.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours'")
         deadline = time.monotonic() + 5
         while await conn.fetchval("SELECT count(*) FROM idempotency_keys") and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
-        assert await conn.fetchval("SELECT count(*) FROM items WHERE title = 'kept'") == 1  # items stay
+        assert await conn.fetchval("SELECT count(*) FROM items WHERE title = 'kept'") == 5  # items stay
     finally:
         await conn.close()

@@ -106,33 +106,53 @@ async def _claim_key(conn: asyncpg.Connection, owner_id: uuid.UUID, key: str, fi
     back (its instance died mid-request), the repeat claims the key and creates the item.
     """
     await conn.execute(f"SET LOCAL lock_timeout = '{KEY_WAIT}'")
-    await conn.execute(f"DELETE FROM idempotency_keys WHERE owner_id = $1 AND key = $2 "
-                       f"AND created_at < now() - interval '{KEY_RETENTION}'", owner_id, key)
-    for _ in range(2):  # twice: a key at the end of its retention may be purged between the two queries
-        try:
-            claimed = await conn.fetchval(
-                "INSERT INTO idempotency_keys (owner_id, key, fingerprint) VALUES ($1, $2, $3) "
-                "ON CONFLICT DO NOTHING RETURNING true", owner_id, key, fingerprint)
-        except asyncpg.LockNotAvailableError:
-            raise KeyInProgress(key) from None
-        if claimed:
-            return None
-        row = await conn.fetchrow("SELECT fingerprint, response FROM idempotency_keys WHERE owner_id = $1 AND key = $2",
-                                  owner_id, key)
-        if row is not None:
-            break
-    else:
-        raise KeyInProgress(key)
+    try:
+        row = await _claim_or_read(conn, owner_id, key, fingerprint)
+    except asyncpg.LockNotAvailableError:  # the key's row is held by another transaction
+        raise KeyInProgress(key) from None
+    if row is None:
+        return None
     if row["fingerprint"] != fingerprint:
         raise KeyReused(key)
     return msgspec.json.decode(row["response"], type=Item)
 
 
+async def _claim_or_read(conn: asyncpg.Connection, owner_id: uuid.UUID, key: str,
+                         fingerprint: bytes) -> asyncpg.Record | None:
+    """None once the key is claimed; else the row of its first use (fingerprint, response)."""
+    # An expired use of the key is forgotten first (its row may be locked too: a
+    # concurrent reuse, or the purge).
+    await conn.execute(f"DELETE FROM idempotency_keys WHERE owner_id = $1 AND key = $2 "
+                       f"AND created_at < now() - interval '{KEY_RETENTION}'", owner_id, key)
+    for _ in range(2):  # twice: a key at the end of its retention may be purged between the two queries
+        claimed = await conn.fetchval(
+            "INSERT INTO idempotency_keys (owner_id, key, fingerprint) VALUES ($1, $2, $3) "
+            "ON CONFLICT DO NOTHING RETURNING true", owner_id, key, fingerprint)
+        if claimed:
+            return None
+        row = await conn.fetchrow("SELECT fingerprint, response FROM idempotency_keys WHERE owner_id = $1 AND key = $2",
+                                  owner_id, key)
+        if row is not None:
+            return row
+    raise KeyInProgress(key)  # the row came and went twice: some other request is busy with it
+
+
+# Expired keys are deleted this many at a time: each batch is a short statement, well
+# inside the statement timeout, however many keys expired since the last purge.
+PURGE_BATCH = 5000
+
+
 async def purge_old_keys(pool: asyncpg.Pool) -> int:
     """Forgets keys older than KEY_RETENTION; the number forgotten."""
-    status = await db.run(pool, lambda conn: conn.execute(
-        f"DELETE FROM idempotency_keys WHERE created_at < now() - interval '{KEY_RETENTION}'"))
-    return int(status.split()[-1])
+    forgotten = 0
+    while True:
+        status = await db.run(pool, lambda conn: conn.execute(
+            f"DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(SELECT ctid FROM idempotency_keys "
+            f"WHERE created_at < now() - interval '{KEY_RETENTION}' LIMIT {PURGE_BATCH}))"))
+        deleted = int(status.split()[-1])
+        forgotten += deleted
+        if deleted < PURGE_BATCH:
+            return forgotten
 
 
 async def get_item(pool: asyncpg.Pool, item_id: uuid.UUID) -> Item:

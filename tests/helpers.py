@@ -34,7 +34,10 @@ def _listen_range() -> tuple[int, int]:
     then fails to bind on every restart (its port is fixed) and ends FATAL. Below the
     range no connection takes a port by itself.
     """
-    return 10000, max(ephemeral_range()[0] - 1, 12000)
+    low, high = 10000, max(ephemeral_range()[0] - 1, 12000)
+    if len(_handed_out) > (high - low) // 2:  # long bound by now, or given back: start afresh
+        _handed_out.clear()
+    return low, high
 
 
 # Defaults of the shipped config (Consul, PostgreSQL, gateway, the instance range): a
@@ -42,6 +45,9 @@ def _listen_range() -> tuple[int, int]:
 # stack may hold them, so tests never draw one.
 _DEFAULT_PORTS = frozenset((3000, 8300, 8301, 8302, 8500, 54329, *range(20000, 21000)))
 _random = random.Random()
+# Ports handed out by this process: not bound yet when the next are drawn (a stack's
+# gateway port, then its instance range), so "free now" alone could hand one out twice.
+_handed_out: set[int] = set()
 
 
 def port_free(port: int) -> bool:
@@ -59,8 +65,9 @@ def free_ports(count: int) -> list[int]:
     ports: list[int] = []
     for _ in range(1000):
         port = _random.randint(low, high)
-        if port not in _DEFAULT_PORTS and port not in ports and port_free(port):
+        if port not in _DEFAULT_PORTS and port not in _handed_out and port_free(port):
             ports.append(port)
+            _handed_out.add(port)
             if len(ports) == count:
                 return ports
     raise RuntimeError(f"no {count} free ports in [{low}, {high}]")
@@ -75,9 +82,11 @@ def free_range(size: int) -> tuple[int, int]:
     low, high = _listen_range()
     for _ in range(200):
         start = _random.randint(low, high - size + 1)
-        if any(start <= p < start + size for p in _DEFAULT_PORTS):
+        block = range(start, start + size)
+        if any(p in _DEFAULT_PORTS or p in _handed_out for p in block):
             continue
-        if all(port_free(p) for p in range(start, start + size)):
+        if all(port_free(p) for p in block):
+            _handed_out.update(block)
             return start, start + size - 1
     raise RuntimeError("no free port range")
 

@@ -129,10 +129,15 @@ class AccessLog:
             return
         path = target.partition("?")[0]
         buffer = self._buffer
-        self._encode_into(AccessLine(
-            round(time.time(), 3), "info", "request", self.service, self.instance, listener,
-            method, path, status, round(seconds * 1000, 3), upstream, request_id, retries,
-        ), buffer, -1)
+        size = len(buffer)
+        try:
+            self._encode_into(AccessLine(
+                round(time.time(), 3), "info", "request", self.service, self.instance, listener,
+                method, path, status, round(seconds * 1000, 3), upstream, request_id, retries,
+            ), buffer, -1)
+        except Exception:  # msgspec may have grown the buffer already: never flush a torn line
+            del buffer[size:]
+            raise
         buffer += b"\n"
         if len(buffer) > 65536:
             self.flush()

@@ -356,6 +356,8 @@ def _validate(config: Config, file: FileSettings, commands: dict[str, str], show
             if var in SIDECAR_ENV_FROM_SUPERVISOR:
                 fail(f"{key}.sidecar_env.{var}", "is set by the supervisor for each instance (ports, identity, "
                      "the service's settings, [consul]): set the matching key of the config instead")
+        if svc.idempotency_key and not svc.sidecar:
+            fail(f"{key}.idempotency_key", "is announced in Consul by the sidecars: needs sidecar = true")
         if svc.upstreams and not svc.sidecar:
             fail(f"{key}.upstreams", "upstream listeners are served by the sidecar: needs sidecar = true")
         if svc.sidecar and not svc.health:

@@ -91,6 +91,8 @@ def test_the_shipped_config_is_valid():
         ("[services.web.restart]\nbackoff_max = 0.1\n[services.worker]\n", "services.web.restart.backoff_max"),
         ("[services.web]\nenv = { 'BAD NAME' = 'x' }\n[services.worker]\n", "services.web.env.BAD NAME"),
         ("[services.web]\nsidecar_env = { 'A=B' = 'x' }\n[services.worker]\n", "services.web.sidecar_env.A=B"),
+        ("[services.web]\nsidecar = false\nidempotency_key = true\n[services.worker]\n",
+         "services.web.idempotency_key: is announced in Consul by the sidecars"),
         ("[services.web]\n[services.worker]\ndatabase='web'\n[services.web2]\n", "services.web2"),
     ],
 )

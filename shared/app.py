@@ -26,6 +26,7 @@ from shared import db
 from shared import log as logsetup
 from shared.errors import ApiError, code_for
 from shared.openapi import Routes, build_document
+from shared.startup import exit_cleanly_if_it_cannot_listen
 from shared.web import REQUEST_ID, echo_request_id, errors, json_response, request_context
 
 log = logging.getLogger("meshvisor.app")
@@ -104,16 +105,17 @@ def pool_of(app: web.Application) -> asyncpg.Pool | None:
 def run(app: web.Application) -> None:
     service = app[SERVICE]
     logsetup.setup("app", service, os.environ.get("INSTANCE_NAME", ""))
-    web.run_app(
-        app,
-        host=os.environ.get("HOST", "127.0.0.1"),
-        port=int(os.environ.get("PORT", "8080")),
-        loop=uvloop.new_event_loop(),
-        access_log=None,  # the sidecar writes the access log; one line per request is enough
-        print=None,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
-        **SERVER_LIMITS,
-    )
+    with exit_cleanly_if_it_cannot_listen():
+        web.run_app(
+            app,
+            host=os.environ.get("HOST", "127.0.0.1"),
+            port=int(os.environ.get("PORT", "8080")),
+            loop=uvloop.new_event_loop(),
+            access_log=None,  # the sidecar writes the access log; one line per request is enough
+            print=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            **SERVER_LIMITS,
+        )
 
 
 # ---- database ----

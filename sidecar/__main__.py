@@ -3,6 +3,7 @@ import sys
 import uvloop
 
 from shared import log
+from shared.startup import exit_cleanly_if_it_cannot_listen
 from sidecar.main import Sidecar
 from sidecar.settings import SettingsError, from_env
 
@@ -14,7 +15,8 @@ def main() -> None:
         print(exc, file=sys.stderr)
         sys.exit(2)
     log.setup("sidecar", settings.service, settings.instance)
-    uvloop.run(Sidecar(settings).run())
+    with exit_cleanly_if_it_cannot_listen():
+        uvloop.run(Sidecar(settings).run())
 
 
 main()

@@ -2,12 +2,14 @@ import uvloop
 
 from services.gateway.app import Gateway, Settings
 from shared import log
+from shared.startup import exit_cleanly_if_it_cannot_listen
 
 
 def main() -> None:
     settings = Settings()
     log.setup("gateway", settings.service, settings.instance)
-    uvloop.run(Gateway(settings).run())
+    with exit_cleanly_if_it_cannot_listen():
+        uvloop.run(Gateway(settings).run())
 
 
 main()

@@ -126,8 +126,14 @@ class Gateway:
             RelaySettings("gateway", forwarded=True, echo_request_id=True, max_body=s.max_body),
             self.route_for, self.metrics, self.access_log,
         )
-        server = await loop.create_server(relay.protocol, s.host, s.port, reuse_port=s.reuse_port or None,
-                                          backlog=2048)
+        try:
+            server = await loop.create_server(relay.protocol, s.host, s.port, reuse_port=s.reuse_port or None,
+                                              backlog=2048)
+        except OSError:  # the port is taken: nothing to serve, close what was opened for it
+            await self.table.stop()
+            await self._own_runner.cleanup()
+            await self.consul.close()
+            raise
         log.info("gateway listening on %s:%s (own endpoints on 127.0.0.1:%s)", s.host, s.port, own)
         registration = None
         if s.register:

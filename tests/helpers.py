@@ -129,7 +129,23 @@ class Project:
         return proc
 
     def start(self, timeout: float = 120) -> subprocess.CompletedProcess:
-        return self.cli("start", "--detach", "--wait", str(timeout), timeout=timeout + 30, check=True)
+        """`supervisor start --detach`; when the stack does not come up, every process is
+        stopped (a fixture that fails here has no teardown) and the error says why."""
+        try:
+            return self.cli("start", "--detach", "--wait", str(timeout), timeout=timeout + 30, check=True)
+        except (AssertionError, subprocess.TimeoutExpired) as exc:
+            why = self.errors_logged()
+            self.stop_everything()
+            raise AssertionError(f"{exc}\nerrors in the logs:\n{why}") from None
+
+    def errors_logged(self, per_file: int = 3) -> str:
+        """The last error lines of every process's log (for a failure message)."""
+        found = []
+        for path in sorted((self.state_dir / "logs").glob("*.log")):
+            lines = [line for line in path.read_text(errors="replace").splitlines()
+                     if "Error" in line or '"level":"error"' in line or "FATAL" in line]
+            found += [f"  {path.name}: {line[:300]}" for line in lines[-per_file:]]
+        return "\n".join(found) or "  (none)"
 
     def status(self) -> dict:
         return asyncio.run(ControlClient(self.state_dir / "run" / "control.sock", timeout=10).call("GET", "/v1/status"))
@@ -157,7 +173,12 @@ class Project:
             return ""
 
     def cleanup(self) -> None:
-        """Stop whatever is still running (a failed test must not leak processes)."""
+        """Stop whatever is still running (a failed test must not leak processes), then
+        remove the project folder."""
+        self.stop_everything()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def stop_everything(self) -> None:
         pid = self.supervisor_pid()
         procs = self.descendants()
         if pid and psutil.pid_exists(pid):
@@ -180,7 +201,6 @@ class Project:
                     pass
         except (FileNotFoundError, ValueError):
             pass
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def alive(pids) -> list[int]:

@@ -25,6 +25,7 @@ import psutil
 
 # The tests' port helpers: ports below the kernel's ephemeral range, which no outgoing
 # connection (the gateway's pools, wrk's) can take between choosing one and binding it.
+from supervisor.state import clean_leftovers
 from tests.helpers import free_port, free_range
 
 PY = sys.executable
@@ -202,14 +203,7 @@ class Stack:
             except (RuntimeError, subprocess.TimeoutExpired):
                 _signal(pid, signal.SIGTERM)
                 _wait_gone(pid, 30)
-        try:
-            for text in json.loads((self.state_dir / "run" / "pids.json").read_text()):
-                try:
-                    os.killpg(int(text), signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        except (FileNotFoundError, ValueError):
-            pass
+        clean_leftovers(self.state_dir, say=lambda message: None, grace=0)
         # Last net (e.g. interrupted while the supervisor was still starting, before it
         # recorded anything): whatever still runs in this project's folder is ours.
         for proc in self._leftovers():

@@ -20,6 +20,7 @@ import psutil
 
 from supervisor.control import ControlClient
 from supervisor.ports import ephemeral_range
+from supervisor.state import clean_leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = ROOT / "tests" / "programs"
@@ -192,15 +193,8 @@ class Project:
                 p.kill()
             except psutil.Error:
                 pass
-        # Leftovers recorded in pids.json (e.g. after a SIGKILL test).
-        try:
-            for text in json.loads((self.state_dir / "run" / "pids.json").read_text()):
-                try:
-                    os.killpg(int(text), signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        except (FileNotFoundError, ValueError):
-            pass
+        # Leftovers recorded in pids.json (e.g. after a SIGKILL test): killed at once.
+        clean_leftovers(self.state_dir, say=lambda message: None, grace=0)
 
 
 def alive(pids) -> list[int]:

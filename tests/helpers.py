@@ -279,7 +279,6 @@ def mesh_project(consul: str, services: dict[str, str], *, gateway_port: int | N
     """A stack on an external Consul agent: tests/programs/web.py for every service in
     `services` (name -> extra TOML lines of its table), each behind a sidecar, and the
     gateway on `gateway_port` if given."""
-    low, high = free_range(80)
     procfile = f"gateway: {PY} -m services.gateway\n" if gateway_port else ""
     procfile += "".join(f"{name}: {PY} {PROGRAMS / 'web.py'}\n" for name in services)
     tables = "".join(f"[services.{name}]\ndrain_seconds = {drain_seconds}\n{extra}\n"
@@ -287,10 +286,18 @@ def mesh_project(consul: str, services: dict[str, str], *, gateway_port: int | N
     if gateway_port:
         tables = (f"[services.gateway]\nport = {gateway_port}\nsidecar = false\nhealth = \"/health\"\n"
                   f"env = {{ GATEWAY_DRAIN_SECONDS = \"0.3\" {gateway_env} }}\n\n") + tables
-    return Project(procfile, f"""
+    return Project(procfile, f"""{stack_settings(consul, start_timeout=20.0)}
+{tables}""")
+
+
+def stack_settings(consul: str, *, start_timeout: float) -> str:
+    """The [supervisor], [restart] and [consul] tables of a test stack: instance ports of
+    its own, quick restarts, the Consul agent at `consul`."""
+    low, high = free_range(80)
+    return f"""
 [supervisor]
 port_range = [{low}, {high}]
-start_timeout = 20.0
+start_timeout = {start_timeout}
 
 [restart]
 backoff_initial = 0.2
@@ -299,5 +306,4 @@ backoff_max = 1.0
 [consul]
 mode = "external"
 address = "{consul}"
-
-{tables}""")
+"""

@@ -8,7 +8,7 @@ import json
 import urllib.error
 import urllib.request
 
-from tests.helpers import PY, Project, free_ports, free_range
+from tests.helpers import PY, Project, free_ports, stack_settings
 
 
 def app_stack(consul: str, *, auth: int = 2, example: int = 1, postgres_dsn: str = "",
@@ -20,24 +20,11 @@ def app_stack(consul: str, *, auth: int = 2, example: int = 1, postgres_dsn: str
     call `start()`.
     """
     gateway, pg = free_ports(2)
-    low, high = free_range(80)
     postgres = (f'mode = "external"\ndsn = "{postgres_dsn}"' if postgres_dsn else f"port = {pg}")
     p = Project(
         f"gateway: {PY} -m services.gateway\nauth: {PY} -m services.auth\nexample: {PY} -m services.example\n"
         + extra_procfile,
-        f"""
-[supervisor]
-port_range = [{low}, {high}]
-start_timeout = 30.0
-
-[restart]
-backoff_initial = 0.2
-backoff_max = 1.0
-
-[consul]
-mode = "external"
-address = "{consul}"
-
+        f"""{stack_settings(consul, start_timeout=30.0)}
 [postgres]
 {postgres}
 

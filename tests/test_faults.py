@@ -171,25 +171,15 @@ def _kill_one(p, consul, role: str) -> tuple[LoadResult, float, float]:
         return load.stop(), passing, routed
 
 
-def test_1_kill_one_app_of_three(steady, consul, postgres):
+@pytest.mark.parametrize("role", ["app", "sidecar"])
+def test_1_2_kill_one_app_or_sidecar_of_three(steady, consul, postgres, role):
     retries = gateway_retries(steady)
-    result, passing, routed = _kill_one(steady, consul, "app")
-    report("kill -9 one example app of 3", result, back_passing_in_consul=f"{passing:.1f}s",
+    result, passing, routed = _kill_one(steady, consul, role)
+    report(f"kill -9 one example {role} of 3", result, back_passing_in_consul=f"{passing:.1f}s",
            routed_again=f"{routed:.1f}s", gateway_retries=gateway_retries(steady) - retries,
            duplicates=duplicates(postgres))
     assert not result.failed(), result.failed()[:5]
     assert result.writes > 50
-    assert stored(postgres, result.created) == set(result.created)
-    assert duplicates(postgres) == 0
-
-
-def test_2_kill_one_sidecar_of_three(steady, consul, postgres):
-    retries = gateway_retries(steady)
-    result, passing, routed = _kill_one(steady, consul, "sidecar")
-    report("kill -9 one example sidecar of 3", result, back_passing_in_consul=f"{passing:.1f}s",
-           routed_again=f"{routed:.1f}s", gateway_retries=gateway_retries(steady) - retries,
-           duplicates=duplicates(postgres))
-    assert not result.failed(), result.failed()[:5]
     assert stored(postgres, result.created) == set(result.created)
     assert duplicates(postgres) == 0
 

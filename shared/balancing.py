@@ -12,12 +12,14 @@ import random
 import time
 from collections.abc import Iterable
 
+from shared.local import reachable_socket
+
 
 class Backend:
     """One instance as the balancer sees it."""
 
-    __slots__ = ("key", "host", "port", "address", "meta", "inflight", "failures", "ejected_until", "idle",
-                 "removed")
+    __slots__ = ("key", "host", "port", "address", "meta", "socket", "inflight", "failures", "ejected_until",
+                 "idle", "removed")
 
     def __init__(self, key: str, host: str, port: int, meta: dict[str, str] | None = None) -> None:
         self.key = key
@@ -25,6 +27,9 @@ class Backend:
         self.port = port
         self.address = f"{host}:{port}"  # logged per request: computed once
         self.meta = meta or {}
+        # An instance on this host that announces a Unix socket is reached through it
+        # (shared.local); None: through host:port.
+        self.socket = reachable_socket(self.meta)
         self.inflight = 0
         self.failures = 0  # consecutive
         self.ejected_until = 0.0
@@ -51,6 +56,7 @@ class Balancer:
             old = self._by_key.get(key)
             if old is not None and old.host == host and old.port == port:
                 old.meta = meta
+                old.socket = reachable_socket(meta)
                 fresh[key] = old
             else:
                 fresh[key] = Backend(key, host, port, meta)

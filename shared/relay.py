@@ -7,7 +7,8 @@ Design, for CPU per request rather than convenience:
 - bodies are streamed as they arrive, framed by Content-Length counting or by the
   parser for chunked bodies, with flow control in both directions (no full buffering);
 - responses are relayed as received; only the status line and framing are looked at;
-- connections to instances are kept alive and pooled per instance.
+- connections to instances are kept alive and pooled per instance, and go through a
+  Unix socket to an instance on this host that offers one (shared.local).
 
 Around that: picking an instance (shared.balancing), retries on another instance when
 a connection fails (any method: nothing was sent) or, for idempotent methods and requests
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import httptools
 
+from shared import local
 from shared.balancing import Backend, Balancer
 from shared.errors import error_response
 from shared.telemetry import AccessLog, RelayMetrics
@@ -498,12 +500,8 @@ class ClientSide(asyncio.Protocol):
 
     async def _connect(self, backend: Backend) -> None:
         route = self.route
-        loop = self.relay.loop
         try:
-            _, up = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamSide(self.relay, backend), backend.host, backend.port),
-                route.connect_timeout,
-            )
+            up = await asyncio.wait_for(self._open(backend), route.connect_timeout)
         except asyncio.CancelledError:
             raise
         except (OSError, asyncio.TimeoutError) as exc:
@@ -516,6 +514,21 @@ class ClientSide(asyncio.Protocol):
             up.release()
             return
         self._attach(up, reused=False)
+
+    async def _open(self, backend: Backend) -> UpstreamSide:
+        """A new connection to `backend`: through its Unix socket when it is on this host."""
+        relay = self.relay
+        address = backend.socket
+        if address is not None:
+            try:
+                return (await local.connect(lambda: UpstreamSide(relay, backend), address))[1]
+            except OSError:
+                # Announced but unreachable (its process just died, or another namespace
+                # after all): TCP for this instance until discovery reports it anew.
+                if backend.socket == address:
+                    backend.socket = None
+        return (await relay.loop.create_connection(lambda: UpstreamSide(relay, backend), backend.host,
+                                                   backend.port))[1]
 
     def _attach(self, up: UpstreamSide, reused: bool) -> None:
         self.upstream = up

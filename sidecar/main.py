@@ -21,6 +21,7 @@ import time
 import aiohttp
 from aiohttp import web
 
+from shared import local
 from shared.balancing import Balancer
 from shared.consul import make_client
 from shared.discovery import Endpoint, ServiceWatch, honours_idempotency_key
@@ -44,6 +45,7 @@ class Sidecar:
         self.watches: dict[str, ServiceWatch] = {}
         self.balancers: dict[str, Balancer] = {}
         self.app_healthy = False
+        self.unix_socket = ""  # the announced name, once listening on it (shared.local)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._admin: web.AppRunner | None = None
@@ -58,6 +60,9 @@ class Sidecar:
             meta["openapi"] = s.openapi
         if s.idempotency_key:
             meta["idempotency_key"] = "true"
+        if self.unix_socket:
+            meta[local.META_SOCKET] = self.unix_socket
+            meta[local.META_HOST] = local.host_id()
         return meta
 
     # -- start ---------------------------------------------------------------------
@@ -86,9 +91,11 @@ class Sidecar:
         try:
             await self._start_admin()
             await self._start_inbound()
+            self.registration.meta = self._meta()  # now with the socket, if one is listening
             await self._start_upstreams()
             log.info("listening", extra={"fields": {
-                "public": f"{self.s.host}:{self.s.port}", "app": f"127.0.0.1:{self.s.app_port}",
+                "public": f"{self.s.host}:{self.s.port}", "unix_socket": self.unix_socket or None,
+                "app": f"127.0.0.1:{self.s.app_port}",
                 "upstreams": self.s.upstreams, "admin": self.s.admin_port}})
             registered = asyncio.create_task(self._register_when_app_ready())
             stopped = asyncio.create_task(self._stop.wait())
@@ -120,6 +127,14 @@ class Sidecar:
                       request_timeout=self.s.request_timeout, retries=1, idempotency_key=self.s.idempotency_key)
         relay = Relay(RelaySettings("inbound"), lambda method, target: route, self.metrics, self.access_log)
         await self._listen(relay, self.s.host, self.s.port, reuse_port=self.s.reuse_port)
+        if self.s.unix_socket and local.host_id():
+            name = local.socket_name(self.s.service_id, self.s.port)
+            try:
+                self.servers.append(await local.listen(relay.protocol, name))
+                self.unix_socket = name
+            except OSError as exc:  # e.g. taken: the TCP port serves everyone alike
+                log.warning("cannot listen on the Unix socket; TCP only", extra={"fields": {
+                    "socket": name, "error": str(exc)}})
 
     async def _start_upstreams(self) -> None:
         for name, port in self.s.upstreams.items():
@@ -207,6 +222,7 @@ class Sidecar:
         return web.json_response({
             "service_id": self.s.service_id,
             "registered": self.registration.registered,
+            "unix_socket": self.unix_socket or None,
             "app_healthy": self.app_healthy,
             "inflight": sum(r.inflight for r in self.relays),
             "upstreams": {

@@ -40,6 +40,9 @@ class SidecarSettings(msgspec.Struct, kw_only=True):
     request_timeout: float
     retries: int
     access_log: bool
+    # Also listen on an abstract Unix socket and announce it, for gateways and sidecars on
+    # this host (shared.local).
+    unix_socket: bool = True
 
     @property
     def instance(self) -> str:
@@ -100,4 +103,5 @@ def from_env(env: dict[str, str] | None = None) -> SidecarSettings:
         request_timeout=number("SIDECAR_REQUEST_TIMEOUT", "30", float),
         retries=number("SIDECAR_RETRIES", "2"),
         access_log=env.get("SIDECAR_ACCESS_LOG", "1") != "0",
+        unix_socket=env.get("SIDECAR_UNIX_SOCKET", "1") != "0",
     )

@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import aiohttp
+import psutil
 import pytest
 
 from tests.helpers import Project, free_port, mesh_project, wait_for
@@ -248,3 +249,25 @@ def test_two_gateway_processes_share_the_port(make_stack, agent):
         assert get(f"{p.url}/api/v1/api/n/{n}")[0] == 200
     time.sleep(0.3)  # access logs are written in batches
     assert all('"path":"/api/v1/api/n/' in p.log(f"gateway.{i}") for i in (1, 2)), "both processes served"
+
+
+def test_sidecars_on_this_host_are_reached_through_their_unix_socket(make_stack, agent):
+    p = make_stack({"api": 'route = "/api/v1/api"',
+                    "plain": 'route = "/api/v1/plain"\nsidecar_env = { SIDECAR_UNIX_SOCKET = "0" }'})
+    p.start()
+    wait_for(lambda: len(routes(p)) == 2, 5, what="both routes")
+    registered = {name: agent.passing(name)[0] for name in ("api", "plain")}
+    assert registered["api"]["Meta"]["unix_socket"].startswith("@meshvisor/")
+    assert registered["api"]["Meta"]["host_id"], "announced with where it runs"
+    assert "unix_socket" not in registered["plain"]["Meta"], "switched off in its sidecar_env"
+    for n in range(10):
+        for name in ("api", "plain"):
+            assert get(f"{p.url}/api/v1/{name}/{n}")[0] == 200
+    gateway = psutil.Process(p.rows("gateway")[0]["pid"])
+    tcp_peers = {c.raddr.port for c in gateway.net_connections("tcp") if c.raddr}
+    assert registered["plain"]["Port"] in tcp_peers
+    assert registered["api"]["Port"] not in tcp_peers, "on this host: through the socket, not TCP"
+    # Linux shows an accepted Unix connection under its listener's name: the listener + one.
+    sidecar = psutil.Process(next(r["pid"] for r in p.rows("api") if r["role"] == "sidecar"))
+    named = [c for c in sidecar.net_connections("unix") if c.laddr == registered["api"]["Meta"]["unix_socket"]]
+    assert len(named) >= 2, named

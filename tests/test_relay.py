@@ -22,6 +22,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from shared import local
 from shared.balancing import Balancer
 from shared.relay import MAX_HEAD, Relay, RelaySettings, Route
 from shared.telemetry import AccessLog, RelayMetrics
@@ -1707,6 +1708,67 @@ async def test_metrics_render():
         assert 't_request_duration_seconds_count{route="svc"} 1.0' in text
 
 
+# -- instances on this host: through their Unix socket (shared/local.py) -----------------
+
+
+async def transport_family(request: web.Request) -> web.Response:
+    return web.json_response({"family": request.transport.get_extra_info("socket").family.name})
+
+
+@contextlib.asynccontextmanager
+async def tcp_and_unix_backend(name: str):
+    """An aiohttp app on a TCP port and, like a sidecar, on the abstract socket `name`."""
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", transport_family)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    tcp = web.TCPSite(runner, "127.0.0.1", 0)
+    await tcp.start()
+    server = await local.listen(runner.server, name)
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        server.close()
+        await runner.cleanup()
+
+
+def announcing(port: int, name: str, host: str | None = None) -> Route:
+    balancer = Balancer("svc")
+    balancer.update([("svc-1", "127.0.0.1", port, {
+        local.META_SOCKET: name, local.META_HOST: local.host_id() if host is None else host})])
+    return Route("svc", balancer, connect_timeout=2.0, request_timeout=10.0)
+
+
+async def scenario_local_instance_through_its_unix_socket() -> None:
+    name = local.socket_name(f"relay-test-{os.getpid()}", random.randrange(1 << 30))
+    async with tcp_and_unix_backend(name) as port:
+        route = announcing(port, name)
+        elsewhere = announcing(port, name, host="another-boot.4026531840")
+        assert route.balancer.backends[0].socket == "\0" + name[1:]
+        assert elsewhere.balancer.backends[0].socket is None, "another host's socket is not ours to use"
+        for r, family in ((route, "AF_UNIX"), (elsewhere, "AF_INET")):
+            async with relay_stack(r) as stack, aiohttp.ClientSession() as session:
+                for _ in range(3):
+                    async with session.get(f"{stack.url}/x") as resp:
+                        assert resp.status == 200 and (await resp.json())["family"] == family
+            await settled(r)
+
+
+async def test_local_instance_is_reached_through_its_unix_socket():
+    await scenario_local_instance_through_its_unix_socket()
+
+
+async def test_unreachable_unix_socket_falls_back_to_tcp():
+    async with tcp_and_unix_backend(local.socket_name("relay-test-listening", random.randrange(1 << 30))) as port:
+        route = announcing(port, local.socket_name("relay-test-nobody", random.randrange(1 << 30)))
+        async with relay_stack(route) as stack, aiohttp.ClientSession() as session:
+            async with session.get(f"{stack.url}/x") as resp:
+                assert resp.status == 200 and (await resp.json())["family"] == "AF_INET"
+        assert route.balancer.backends[0].socket is None, "TCP from then on"
+        assert stack.metrics.upstream_errors == {}, "a fallback is not a failed attempt"
+        await settled(route)
+
+
 # -- the same core paths on uvloop (what the sidecar and the gateway run on) --------------
 
 
@@ -1722,7 +1784,8 @@ async def test_metrics_render():
     scenario_request_timeout,
     scenario_retry_connect_refused,
     lambda: scenario_websocket(True),
+    scenario_local_instance_through_its_unix_socket,
 ], ids=["forwarding", "chunked-upload", "download", "backpressure", "pipelining", "head-204-304",
-        "half-close", "refused", "timeout", "retry", "websocket"])
+        "half-close", "refused", "timeout", "retry", "websocket", "unix-socket"])
 def test_on_uvloop(scenario):
     uvloop.run(asyncio.wait_for(scenario(), 120))

@@ -131,9 +131,12 @@ class AccessLog:
         buffer = self._buffer
         size = len(buffer)
         try:
+            # Milliseconds to 3 decimals as round(x * 10**k) / 10**k: the nearest double of
+            # such a number prints as just those digits, at a third of round(x, 3)'s cost
+            # (which goes through a decimal string); this runs once per request.
             self._encode_into(AccessLine(
-                round(time.time(), 3), "info", "request", self.service, self.instance, listener,
-                method, path, status, round(seconds * 1000, 3), upstream, request_id, retries,
+                round(time.time() * 1000) / 1000, "info", "request", self.service, self.instance, listener,
+                method, path, status, round(seconds * 1e6) / 1000, upstream, request_id, retries,
             ), buffer, -1)
         except Exception:  # msgspec may have grown the buffer already: never flush a torn line
             del buffer[size:]

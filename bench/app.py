@@ -1,4 +1,5 @@
-"""The benchmark's app: an aiohttp app with one small JSON endpoint (and /health)."""
+"""The benchmark's app: an aiohttp app with one small JSON endpoint (and /health), on
+127.0.0.1:$PORT and, like a service with app_socket = true, on the Unix socket $APP_SOCKET."""
 
 import os
 
@@ -13,4 +14,5 @@ async def hello(request: web.Request) -> web.Response:
 app = web.Application()
 app.router.add_get("/{tail:.*}", hello)  # any path: behind the gateway it sees /api/v1/bench/
 uvloop.install()
-web.run_app(app, host="127.0.0.1", port=int(os.environ["PORT"]), access_log=None, print=None)
+web.run_app(app, host="127.0.0.1", port=int(os.environ["PORT"]), path=os.environ.get("APP_SOCKET") or None,
+            access_log=None, print=None)

@@ -1,15 +1,18 @@
 """Gateway benchmark: the small JSON endpoint of an aiohttp app, reached
 
   direct                  client -> app
-  gateway -> sidecar      client -> gateway -> sidecar -> app (routes from Consul)
+  gateway -> sidecar      client -> gateway -> sidecar -> app (routes from Consul; on one
+                          host the gateway reaches the sidecar, and the sidecar the app
+                          (app_socket), over Unix sockets, as in a stack)
   gateway x2 -> sidecar   the same with two gateway processes sharing the port
   nginx                   client -> nginx (1 worker, keep-alive upstream) -> app
   haproxy                 client -> HAProxy (1 thread, http-reuse) -> app
   node express            client -> express + http-proxy-middleware -> app
 
-all in one run, interleaved rounds, medians; CPU per request of every proxy process from
-/proc. Run with `make bench-gateway` (installs wrk, nginx, HAProxy and the Node packages
-if missing).
+nginx, HAProxy and express reach the app over TCP, as usually deployed. All in one run,
+interleaved rounds (every other one reversed), medians; CPU per request of every proxy
+process from /proc. Run with `make bench-gateway` (installs wrk, nginx, HAProxy and the
+Node packages if missing).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import statistics
 import sys
 
 from bench import proxies
-from bench.harness import (Path_, Processes, consul_dev_agent, free_port, machine, measure, per_proxy, reset,
-                           table, wait_http)
+from bench.harness import (Path_, Processes, consul_dev_agent, free_port, machine, measure, paired, per_proxy,
+                           reset, table, wait_http)
 
 
 def main() -> None:
@@ -36,13 +39,16 @@ def main() -> None:
     with Processes() as procs:
         consul = consul_dev_agent(procs)
         app_port = free_port()
-        procs.start([sys.executable, "bench/app.py"], {"PORT": str(app_port)}, name="app")
+        # The app also on a Unix socket, relayed to through it: a service with app_socket = true.
+        app_socket = f"{procs.tmp}/app.sock"
+        procs.start([sys.executable, "bench/app.py"], {"PORT": str(app_port), "APP_SOCKET": app_socket}, name="app")
         wait_http(f"http://127.0.0.1:{app_port}/health")
 
         public, admin = free_port(), free_port()
         sidecar = procs.start([sys.executable, "-m", "sidecar"], {
             "CONSUL_HTTP_ADDR": consul, "SERVICE_NAME": "bench", "INSTANCE_INDEX": "1",
-            "SIDECAR_PORT": str(public), "APP_PORT": str(app_port), "SIDECAR_ADMIN_PORT": str(admin),
+            "SIDECAR_PORT": str(public), "APP_PORT": str(app_port), "APP_SOCKET": app_socket,
+            "SIDECAR_ADMIN_PORT": str(admin),
             "SERVICE_ROUTE": "/api/v1/bench", "SIDECAR_ACCESS_LOG": log_flag, "SIDECAR_DRAIN_SECONDS": "0"},
             name="sidecar")
         gw_port = free_port()
@@ -67,10 +73,11 @@ def main() -> None:
         through = Path_("gateway -> sidecar -> app", f"http://127.0.0.1:{gw_port}/api/v1/bench/",
                         [gateway_one.pid, sidecar.pid])
         nginx_path = Path_("nginx -> app", f"http://127.0.0.1:{nginx_port}/api/v1/bench/", nginx_pids)
+        node_path = Path_("node express -> app", f"http://127.0.0.1:{node_port}/api/v1/bench/", node_pids)
+        # The gateway path and express next to each other: measured back to back (paired).
         paths = [
-            direct, through, nginx_path,
+            direct, through, node_path, nginx_path,
             Path_("haproxy -> app", f"http://127.0.0.1:{haproxy_port}/api/v1/bench/", haproxy_pids),
-            Path_("node express -> app", f"http://127.0.0.1:{node_port}/api/v1/bench/", node_pids),
         ]
         print(f"warming up, then {args.rounds} rounds of {args.seconds:g}s per path", file=sys.stderr)
         measure(paths, 1, 2)
@@ -92,9 +99,10 @@ def main() -> None:
         print(table(paths, direct, nginx_path))
         gw, sc = per_proxy(through)
         print(f"gateway -> sidecar CPU split: gateway {gw:.1f} us/req, sidecar {sc:.1f} us/req")
-        node_path = paths[-1]
-        ratio = statistics.median(through.rps) / statistics.median(node_path.rps)
-        print(f"gateway + sidecar vs node express: {ratio:.2f}x the requests/s")
+        rounds = " ".join(f"{x / y:.2f}" for x, y in zip(through.rps, node_path.rps))
+        print(f"gateway + sidecar vs node express: {paired(through, node_path):.2f}x the requests/s (median of the "
+              f"rounds, each measured back to back: {rounds}; ratio of the medians "
+              f"{statistics.median(through.rps) / statistics.median(node_path.rps):.2f}x)")
         print("\nscaling the gateway (SO_REUSEPORT; x2 measured after the rounds above, with direct again):")
         print(table([direct_again, two], direct_again))
         x1 = statistics.median(through.rps) / statistics.median(direct.rps)

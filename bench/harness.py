@@ -1,8 +1,8 @@
 """Shared benchmark plumbing: processes on free ports, wrk runs, CPU time from /proc.
 
 Method (the same for every benchmark here): wrk with 1 thread and 50 connections,
-several rounds with the paths interleaved (so drift of this noisy 2-core machine hits
-every path alike), medians over rounds. CPU per request is the utime+stime a proxy
+several rounds with the paths interleaved, every other round in reverse order (so drift
+of this noisy 2-core machine hits every path alike), medians over rounds. CPU per request is the utime+stime a proxy
 process spent during a run (from /proc/<pid>/stat) divided by the requests wrk counted.
 """
 
@@ -146,8 +146,11 @@ def wrk(url: str, seconds: float, connections: int = 50) -> tuple[float, float, 
 
 
 def measure(paths: list[Path_], rounds: int, seconds: float) -> None:
+    # Every other round runs the paths in reverse order (A B C, C B A, ...): drift of the
+    # machine during a round then favours no path over another, and neighbours in the list
+    # are always measured back to back (what paired() compares).
     for number in range(1, rounds + 1):
-        for path in paths:
+        for path in (paths if number % 2 else paths[::-1]):
             pids = path.proxies + [pid for group in path.others.values() for pid in group]
             before = [cpu_seconds(pid) for pid in pids]
             rps, p50, p99, total = wrk(path.url, seconds)
@@ -165,6 +168,13 @@ def measure(paths: list[Path_], rounds: int, seconds: float) -> None:
                 rest = rest[len(group):]
         print(f"round {number}/{rounds}: " + ", ".join(f"{p.name} {p.rps[-1]:.0f} req/s" for p in paths),
               file=sys.stderr)
+
+
+def paired(a: Path_, b: Path_) -> float:
+    """Median over rounds of a's req/s over b's in the same round: for two paths measured
+    back to back, the noise of this shared machine (which moves every path by 10-20% from
+    one round to the next) largely cancels out of it."""
+    return statistics.median(x / y for x, y in zip(a.rps, b.rps))
 
 
 def reset(paths: list[Path_]) -> None:

@@ -28,10 +28,12 @@ def main() -> None:
         consul = consul_dev_agent(procs)
         app_port, public, admin_a = free_port(), free_port(), free_port()
         client_public, admin_b, upstream = free_port(), free_port(), free_port()
-        procs.start([sys.executable, "bench/app.py"], {"PORT": str(app_port)}, name="app")
+        # The app also on a Unix socket, relayed to through it: a service with app_socket = true.
+        app_socket = f"{procs.tmp}/app.sock"
+        procs.start([sys.executable, "bench/app.py"], {"PORT": str(app_port), "APP_SOCKET": app_socket}, name="app")
         wait_http(f"http://127.0.0.1:{app_port}/health")
         common = {"CONSUL_HTTP_ADDR": consul, "SIDECAR_ACCESS_LOG": "0" if args.no_access_log else "1",
-                  "SIDECAR_DRAIN_SECONDS": "0"}
+                  "SIDECAR_DRAIN_SECONDS": "0", "APP_SOCKET": app_socket}
         sidecar_a = procs.start([sys.executable, "-m", "sidecar"], {
             **common, "SERVICE_NAME": "bench", "INSTANCE_INDEX": "1", "SIDECAR_PORT": str(public),
             "APP_PORT": str(app_port), "SIDECAR_ADMIN_PORT": str(admin_a)}, name="sidecar-a")

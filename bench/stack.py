@@ -52,6 +52,7 @@ instances = 1
 route = "/api/v1/auth"
 openapi = "/openapi.json"
 database = "auth"
+app_socket = true
 drain_seconds = 0.5
 
 [services.example]
@@ -60,6 +61,7 @@ route = "/api/v1/example"
 openapi = "/openapi.json"
 database = "example"
 upstreams = ["auth"]
+app_socket = true
 drain_seconds = 0.5
 """
 

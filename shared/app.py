@@ -5,7 +5,7 @@ the request-id and error middlewares of shared/web.py, `/health` (checks the dat
 the service has one), `/openapi.json` built from the declared routes, Prometheus `/metrics`
 (requests by route template and status, latency), a body size limit (413), and a database
 pool that survives PostgreSQL being down at start-up. `run(app)` serves it on HOST/PORT
-with uvloop and JSON logs; web.run_app handles SIGTERM and drains in-flight requests.
+(and on the Unix socket APP_SOCKET, if given) with uvloop and JSON logs; web.run_app handles SIGTERM and drains in-flight requests.
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ def run(app: web.Application) -> None:
             app,
             host=os.environ.get("HOST", "127.0.0.1"),
             port=int(os.environ.get("PORT", "8080")),
+            # A service with app_socket = true: also here, where its sidecar relays to.
+            path=os.environ.get("APP_SOCKET") or None,
             loop=uvloop.new_event_loop(),
             access_log=None,  # the sidecar writes the access log; one line per request is enough
             print=None,

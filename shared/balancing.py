@@ -18,8 +18,8 @@ from shared.local import reachable_socket
 class Backend:
     """One instance as the balancer sees it."""
 
-    __slots__ = ("key", "host", "port", "address", "meta", "socket", "inflight", "failures", "ejected_until",
-                 "idle", "removed")
+    __slots__ = ("key", "host", "port", "address", "meta", "socket", "socket_retry_at", "inflight", "failures",
+                 "ejected_until", "idle", "removed")
 
     def __init__(self, key: str, host: str, port: int, meta: dict[str, str] | None = None) -> None:
         self.key = key
@@ -30,6 +30,7 @@ class Backend:
         # An instance on this host that announces a Unix socket is reached through it
         # (shared.local); None: through host:port.
         self.socket = reachable_socket(self.meta)
+        self.socket_retry_at = 0.0  # after a failed connect through it: TCP until then (monotonic)
         self.inflight = 0
         self.failures = 0  # consecutive
         self.ejected_until = 0.0

@@ -8,7 +8,8 @@ Design, for CPU per request rather than convenience:
   parser for chunked bodies, with flow control in both directions (no full buffering);
 - responses are relayed as received; only the status line and framing are looked at;
 - connections to instances are kept alive and pooled per instance, and go through a
-  Unix socket to an instance on this host that offers one (shared.local).
+  Unix socket to an instance on this host that offers one (shared.local) and, from a
+  sidecar, to an app that listens on one.
 
 Around that: picking an instance (shared.balancing), retries on another instance when
 a connection fails (any method: nothing was sent) or, for idempotent methods and requests
@@ -50,6 +51,7 @@ _HOP_RE = re.compile(rb"\r\n(" + b"|".join(_HOP_BY_HOP) + rb"):")
 
 _NONE, _LENGTH, _CHUNKED, _EOF = 0, 1, 2, 3
 DEADLINE_SWEEP = 0.1  # request timeouts are enforced to within this many seconds
+SOCKET_RETRY = 5.0  # after a failed connect through an instance's Unix socket, TCP for this long
 
 
 @dataclass
@@ -519,14 +521,13 @@ class ClientSide(asyncio.Protocol):
         """A new connection to `backend`: through its Unix socket when it is on this host."""
         relay = self.relay
         address = backend.socket
-        if address is not None:
+        if address is not None and time.monotonic() >= backend.socket_retry_at:
             try:
                 return (await local.connect(lambda: UpstreamSide(relay, backend), address))[1]
             except OSError:
-                # Announced but unreachable (its process just died, or another namespace
-                # after all): TCP for this instance until discovery reports it anew.
-                if backend.socket == address:
-                    backend.socket = None
+                # Unreachable (its process just died or is restarting, or another network
+                # namespace after all): TCP meanwhile, the socket again a little later.
+                backend.socket_retry_at = time.monotonic() + SOCKET_RETRY
         return (await relay.loop.create_connection(lambda: UpstreamSide(relay, backend), backend.host,
                                                    backend.port))[1]
 

@@ -95,7 +95,7 @@ class Sidecar:
             await self._start_upstreams()
             log.info("listening", extra={"fields": {
                 "public": f"{self.s.host}:{self.s.port}", "unix_socket": self.unix_socket or None,
-                "app": f"127.0.0.1:{self.s.app_port}",
+                "app": f"127.0.0.1:{self.s.app_port}", "app_socket": self.s.app_socket or None,
                 "upstreams": self.s.upstreams, "admin": self.s.admin_port}})
             registered = asyncio.create_task(self._register_when_app_ready())
             stopped = asyncio.create_task(self._stop.wait())
@@ -121,6 +121,7 @@ class Sidecar:
     async def _start_inbound(self) -> None:
         app = Balancer(self.s.service, eject_after=1_000_000)  # one target: never eject it
         app.update([("app", "127.0.0.1", self.s.app_port, {})])
+        app.backends[0].socket = self.s.app_socket or None  # relayed through it; APP_PORT if it fails
         # retries=1: once more on a fresh connection when a pooled one turns out stale,
         # which a keyed POST survives too when this app honours the key.
         route = Route("inbound", app, connect_timeout=self.s.connect_timeout,

@@ -20,6 +20,7 @@ class SidecarSettings(msgspec.Struct, kw_only=True):
     host: str  # where the public listener binds and what Consul advertises
     port: int  # public listener (what Consul registers)
     app_port: int  # the app, on 127.0.0.1
+    app_socket: str  # and on this Unix socket path, if not "" (the service's app_socket)
     admin_port: int  # /metrics, /ready, /status
     health: str
     route: str
@@ -85,6 +86,7 @@ def from_env(env: dict[str, str] | None = None) -> SidecarSettings:
         host=env.get("SIDECAR_HOST", "127.0.0.1"),
         port=int(need("SIDECAR_PORT")),
         app_port=int(need("APP_PORT")),
+        app_socket=env.get("APP_SOCKET", ""),
         admin_port=number("SIDECAR_ADMIN_PORT", "0"),
         health=env.get("HEALTH_PATH", "/health"),
         route=env.get("SERVICE_ROUTE", ""),

@@ -30,7 +30,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SIDECAR_ENV_FROM_SUPERVISOR = frozenset({
     "SERVICE_NAME", "INSTANCE_INDEX", "SERVICE_ID", "SIDECAR_PORT", "APP_PORT", "SIDECAR_ADMIN_PORT",
     "HEALTH_PATH", "SERVICE_ROUTE", "OPENAPI_PATH", "SERVICE_VERSION", "SERVICE_IDEMPOTENCY_KEY",
-    "SIDECAR_UPSTREAMS", "SIDECAR_DRAIN_SECONDS", "SIDECAR_REUSE_PORT", "CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN",
+    "SIDECAR_UPSTREAMS", "SIDECAR_DRAIN_SECONDS", "SIDECAR_REUSE_PORT", "APP_SOCKET", "CONSUL_HTTP_ADDR",
+    "CONSUL_HTTP_TOKEN",
 })
 
 
@@ -124,6 +125,9 @@ class ServiceSettings(_Strict):
     # The app answers a repeated Idempotency-Key with the first outcome on all its
     # non-idempotent operations: the gateway and sidecars may then resend keyed requests.
     idempotency_key: bool = False
+    # The app also listens on the Unix socket named in its APP_SOCKET (beside PORT), and
+    # its sidecar relays to it there: no TCP stack on either side of that hop.
+    app_socket: bool = False
     version: str = "1"
     drain_seconds: float = 2.0  # how long a stopping sidecar keeps serving after deregistering
     stop_timeout: float | None = None
@@ -157,6 +161,7 @@ class Service(msgspec.Struct, kw_only=True):
     sidecar: bool
     sidecar_env: dict[str, str]
     idempotency_key: bool
+    app_socket: bool
     version: str
     drain_seconds: float
     stop_timeout: float
@@ -250,6 +255,7 @@ def _resolve_service(name: str, command: str, svc: ServiceSettings, file: FileSe
         sidecar=svc.sidecar,
         sidecar_env=dict(svc.sidecar_env),
         idempotency_key=svc.idempotency_key,
+        app_socket=svc.app_socket,
         version=svc.version,
         drain_seconds=svc.drain_seconds,
         stop_timeout=svc.stop_timeout if svc.stop_timeout is not None else file.supervisor.stop_timeout,
@@ -358,6 +364,8 @@ def _validate(config: Config, file: FileSettings, commands: dict[str, str], show
                      "the service's settings, [consul]): set the matching key of the config instead")
         if svc.idempotency_key and not svc.sidecar:
             fail(f"{key}.idempotency_key", "is announced in Consul by the sidecars: needs sidecar = true")
+        if svc.app_socket and not svc.sidecar:
+            fail(f"{key}.app_socket", "the app's socket is for its sidecar: needs sidecar = true")
         if svc.upstreams and not svc.sidecar:
             fail(f"{key}.upstreams", "upstream listeners are served by the sidecar: needs sidecar = true")
         if svc.sidecar and not svc.health:

@@ -29,6 +29,8 @@ from supervisor.service import ServiceGroup
 from supervisor.watchdog import Watchdog
 
 STATS_INTERVAL = 2.0
+# The longest Unix socket path Linux accepts (sun_path: 108 bytes with the final NUL).
+MAX_SOCKET_PATH = 107
 
 
 class Daemon:
@@ -137,13 +139,33 @@ class Daemon:
         env = self.instance_env(service, index, ports.app)
         for name, port in ports.upstreams.items():
             env[f"UPSTREAM_{name.upper().replace('-', '_')}_URL"] = f"http://127.0.0.1:{port}"
+        app_socket = self.app_socket(service, ports.app)
+        if app_socket:
+            env["APP_SOCKET"] = app_socket
         app = self.make_process(app_spec(service, index, ports.app, env, cwd))
-        sidecar = self.make_process(sidecar_spec(service, index, ports, service_id, self.base_env(), cwd))
+        sidecar = self.make_process(sidecar_spec(service, index, ports, service_id, self.base_env(), cwd,
+                                                 app_socket=app_socket))
         return Instance(service, index, ports, [app, sidecar], service_id)
+
+    def app_socket(self, service: Service, app_port: int) -> str:
+        """The Unix socket an `app_socket` service's instance listens on, named after its
+        app port (unique while it runs); "" (TCP only) if its path would not fit a socket
+        address (108 bytes on Linux). A file left by an earlier run is removed."""
+        if not service.app_socket:
+            return ""
+        path = self.state_dir / "run" / f"app-{app_port}.sock"
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            self.say(f"warning: {service.name}: the app socket path {path} is too long for a Unix socket; "
+                     "TCP only (a shorter state directory fixes it)")
+            return ""
+        path.unlink(missing_ok=True)
+        return str(path)
 
     def release(self, instance: Instance) -> None:
         for port in instance.ports.taken:
             self.ports.release(port)
+        if instance.service.app_socket and instance.service.sidecar:
+            (self.state_dir / "run" / f"app-{instance.ports.app}.sock").unlink(missing_ok=True)
 
     # -- the run -------------------------------------------------------------------
 

@@ -125,7 +125,7 @@ def app_spec(service: Service, index: int, port: int, env: dict[str, str], cwd: 
 
 
 def sidecar_spec(service: Service, index: int, ports: InstancePorts, service_id: str,
-                 env: dict[str, str], cwd: str) -> ProcessSpec:
+                 env: dict[str, str], cwd: str, app_socket: str = "") -> ProcessSpec:
     assert ports.admin is not None
     env = {**env, **service.sidecar_env}  # config.py refuses sidecar_env naming what follows
     env.update(
@@ -134,6 +134,7 @@ def sidecar_spec(service: Service, index: int, ports: InstancePorts, service_id:
         SERVICE_ID=service_id,
         SIDECAR_PORT=str(ports.public),
         APP_PORT=str(ports.app),
+        APP_SOCKET=app_socket,  # "": the app listens on APP_PORT only
         SIDECAR_ADMIN_PORT=str(ports.admin),
         HEALTH_PATH=service.health,
         SERVICE_ROUTE=service.route,

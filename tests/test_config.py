@@ -93,6 +93,8 @@ def test_the_shipped_config_is_valid():
         ("[services.web]\nsidecar_env = { 'A=B' = 'x' }\n[services.worker]\n", "services.web.sidecar_env.A=B"),
         ("[services.web]\nsidecar = false\nidempotency_key = true\n[services.worker]\n",
          "services.web.idempotency_key: is announced in Consul by the sidecars"),
+        ("[services.web]\nsidecar = false\napp_socket = true\n[services.worker]\n",
+         "services.web.app_socket: the app's socket is for its sidecar: needs sidecar = true"),
         ("[services.web]\n[services.worker]\ndatabase='web'\n[services.web2]\n", "services.web2"),
     ],
 )

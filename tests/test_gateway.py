@@ -251,18 +251,23 @@ def test_two_gateway_processes_share_the_port(make_stack, agent):
     assert all('"path":"/api/v1/api/n/' in p.log(f"gateway.{i}") for i in (1, 2)), "both processes served"
 
 
-def test_sidecars_on_this_host_are_reached_through_their_unix_socket(make_stack, agent):
+def test_sidecars_and_apps_on_this_host_are_reached_through_unix_sockets(make_stack, agent):
     p = make_stack({"api": 'route = "/api/v1/api"',
-                    "plain": 'route = "/api/v1/plain"\nsidecar_env = { SIDECAR_UNIX_SOCKET = "0" }'})
+                    "plain": 'route = "/api/v1/plain"\nsidecar_env = { SIDECAR_UNIX_SOCKET = "0" }',
+                    "sock": 'route = "/api/v1/sock"\napp_socket = true'})
     p.start()
-    wait_for(lambda: len(routes(p)) == 2, 5, what="both routes")
+    wait_for(lambda: len(routes(p)) == 3, 5, what="every route")
     registered = {name: agent.passing(name)[0] for name in ("api", "plain")}
     assert registered["api"]["Meta"]["unix_socket"].startswith("@meshvisor/")
     assert registered["api"]["Meta"]["host_id"], "announced with where it runs"
     assert "unix_socket" not in registered["plain"]["Meta"], "switched off in its sidecar_env"
-    for n in range(10):
-        for name in ("api", "plain"):
-            assert get(f"{p.url}/api/v1/{name}/{n}")[0] == 200
+
+    def via(name: str) -> str:  # how the app was reached by its sidecar ("" if it was not)
+        status, _, body = get(f"{p.url}/api/v1/{name}/x")
+        return json.loads(body)["via"] if status == 200 else ""
+
+    for _ in range(10):
+        assert (via("api"), via("plain"), via("sock")) == ("tcp", "tcp", "unix")
     gateway = psutil.Process(p.rows("gateway")[0]["pid"])
     tcp_peers = {c.raddr.port for c in gateway.net_connections("tcp") if c.raddr}
     assert registered["plain"]["Port"] in tcp_peers
@@ -271,3 +276,13 @@ def test_sidecars_on_this_host_are_reached_through_their_unix_socket(make_stack,
     sidecar = psutil.Process(next(r["pid"] for r in p.rows("api") if r["role"] == "sidecar"))
     named = [c for c in sidecar.net_connections("unix") if c.laddr == registered["api"]["Meta"]["unix_socket"]]
     assert len(named) >= 2, named
+
+    # The app killed and restarted on the same socket path: TCP while it is away, the
+    # socket again once it is back (the sidecar tries it again after SOCKET_RETRY).
+    app = next(r for r in p.rows("sock") if r["role"] == "app")
+    os.kill(app["pid"], signal.SIGKILL)
+    wait_for(lambda: any(r["role"] == "app" and r["state"] == "RUNNING" and r["pid"] != app["pid"]
+                         for r in p.rows("sock")), 10, what="app restarted")
+    wait_for(lambda: via("sock") == "unix", 10, interval=0.5, what="through the socket again")
+    p.cli("stop", check=True)
+    assert not list((p.state_dir / "run").glob("app-*.sock")), "socket files removed with their instances"

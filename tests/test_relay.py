@@ -24,6 +24,7 @@ from aiohttp import web
 
 from shared import local
 from shared.balancing import Balancer
+from shared import relay as relay_module
 from shared.relay import MAX_HEAD, Relay, RelaySettings, Route
 from shared.telemetry import AccessLog, RelayMetrics
 
@@ -1726,7 +1727,7 @@ async def tcp_and_unix_backend(name: str):
     await tcp.start()
     server = await local.listen(runner.server, name)
     try:
-        yield runner.addresses[0][1]
+        yield runner.addresses[0][1], runner
     finally:
         server.close()
         await runner.cleanup()
@@ -1741,7 +1742,7 @@ def announcing(port: int, name: str, host: str | None = None) -> Route:
 
 async def scenario_local_instance_through_its_unix_socket() -> None:
     name = local.socket_name(f"relay-test-{os.getpid()}", random.randrange(1 << 30))
-    async with tcp_and_unix_backend(name) as port:
+    async with tcp_and_unix_backend(name) as (port, _):
         route = announcing(port, name)
         elsewhere = announcing(port, name, host="another-boot.4026531840")
         assert route.balancer.backends[0].socket == "\0" + name[1:]
@@ -1758,13 +1759,26 @@ async def test_local_instance_is_reached_through_its_unix_socket():
     await scenario_local_instance_through_its_unix_socket()
 
 
-async def test_unreachable_unix_socket_falls_back_to_tcp():
-    async with tcp_and_unix_backend(local.socket_name("relay-test-listening", random.randrange(1 << 30))) as port:
-        route = announcing(port, local.socket_name("relay-test-nobody", random.randrange(1 << 30)))
-        async with relay_stack(route) as stack, aiohttp.ClientSession() as session:
-            async with session.get(f"{stack.url}/x") as resp:
-                assert resp.status == 200 and (await resp.json())["family"] == "AF_INET"
-        assert route.balancer.backends[0].socket is None, "TCP from then on"
+async def test_unreachable_unix_socket_falls_back_to_tcp_and_is_tried_again_later(monkeypatch):
+    monkeypatch.setattr(relay_module, "SOCKET_RETRY", 0.5)
+    late = local.socket_name("relay-test-late", random.randrange(1 << 30))
+    async with tcp_and_unix_backend(local.socket_name("relay-test-other", random.randrange(1 << 30))) as (port, runner):
+        route = announcing(port, late)
+        async with relay_stack(route, max_idle_per_backend=0) as stack, aiohttp.ClientSession() as session:
+
+            async def family() -> str:
+                async with session.get(f"{stack.url}/x") as resp:
+                    assert resp.status == 200
+                    return (await resp.json())["family"]
+
+            assert await family() == "AF_INET", "nobody listens on the socket yet: TCP"
+            server = await local.listen(runner.server, late)  # e.g. an app that was restarting
+            try:
+                assert await family() == "AF_INET", "within SOCKET_RETRY: TCP without trying the socket"
+                await asyncio.sleep(0.6)
+                assert await family() == "AF_UNIX", "then the socket again"
+            finally:
+                server.close()
         assert stack.metrics.upstream_errors == {}, "a fallback is not a failed attempt"
         await settled(route)
 

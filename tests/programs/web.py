@@ -3,13 +3,15 @@
   GET  /bytes/N     N bytes of a repeating pattern (streamed, Content-Length)
   GET  /sleep/S     answers after S seconds
   GET  /openapi.json  a small OpenAPI document with one path under $SERVICE_ROUTE
-  GET  anything     {"pid": ..., "path": ..., "headers": {...}}
+  GET  anything     {"pid": ..., "path": ..., "headers": {...}, "via": "tcp" or "unix"}
   POST anything     {"pid": ..., "length": ..., "sha256": ...} of the body (streamed)
 
   --exit-now        exit with code 3 at once (a crash loop)
   --ignore-term     ignore SIGTERM (only SIGKILL stops it)
   --spawn-child     start a grandchild that sleeps (tests whole-tree stops)
   --slow-start S    sleep S seconds before listening
+
+It listens on 127.0.0.1:$PORT and, if $APP_SOCKET is set, on that Unix socket too.
 """
 
 import argparse
@@ -21,7 +23,9 @@ import socket
 import subprocess
 import sys
 import time
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import ThreadingUnixStreamServer
 
 
 PATTERN = bytes(range(256)) * 4096  # 1 MiB
@@ -56,7 +60,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
                 size -= len(chunk)
             return
-        self._json({"pid": os.getpid(), "path": self.path, "headers": dict(self.headers)})
+        via = "unix" if self.server.address_family == socket.AF_UNIX else "tcp"
+        self._json({"pid": os.getpid(), "path": self.path, "headers": dict(self.headers), "via": via})
 
     def do_POST(self):
         remaining = int(self.headers.get("Content-Length", "0"))
@@ -82,14 +87,20 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class QuietErrors:
     def handle_error(self, request, client_address):
         # A client (a readiness probe, a killed test) dropping its keep-alive connection
         # is not worth a traceback in the log.
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)
+
+
+class UnixServer(QuietErrors, ThreadingUnixStreamServer):
+    daemon_threads = True
+
+
+class Server(QuietErrors, ThreadingHTTPServer):
+    daemon_threads = True
 
     def server_bind(self):
         if os.environ.get("REUSE_PORT"):
@@ -118,6 +129,11 @@ def main():
     time.sleep(args.slow_start)
     port = int(os.environ["PORT"])
     server = Server(("127.0.0.1", port), Handler)
+    if os.environ.get("APP_SOCKET"):
+        path = os.environ["APP_SOCKET"]
+        if os.path.exists(path):
+            os.unlink(path)  # left by an earlier run of this instance
+        threading.Thread(target=UnixServer(path, Handler).serve_forever, daemon=True).start()
     print(f"{name}: listening on {port} pid {os.getpid()}", flush=True)
     server.serve_forever()
 

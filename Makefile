@@ -7,7 +7,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.meshvisor-installed
 CONSUL  := .tools/consul/usr/bin/consul
 
-.PHONY: setup start test bench bench-sidecar bench-gateway clean-state consul postgres wrk proxies
+.PHONY: setup start test bench bench-relay bench-sidecar bench-gateway clean-state consul postgres wrk proxies
 
 setup: $(STAMP) consul postgres
 
@@ -30,6 +30,10 @@ test: setup
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { echo "meshvisor: installing wrk with apt" >&2; \
 	  DEBIAN_FRONTEND=noninteractive apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y wrk >/dev/null; }
+
+# The relay's own Python per request, feature by feature (no sockets; see bench/relay.py).
+bench-relay: setup
+	@$(VENV)/bin/python -m bench.relay $(BENCH_ARGS)
 
 bench-sidecar: setup wrk
 	@$(VENV)/bin/python -m bench.sidecar $(BENCH_ARGS)

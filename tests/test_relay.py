@@ -1803,3 +1803,15 @@ async def test_unreachable_unix_socket_falls_back_to_tcp_and_is_tried_again_late
         "half-close", "refused", "timeout", "retry", "websocket", "unix-socket"])
 def test_on_uvloop(scenario):
     uvloop.run(asyncio.wait_for(scenario(), 120))
+
+
+# -- bench/relay.py drives the relay through stand-in transports: it must still fit -------
+
+
+@pytest.mark.parametrize("kind", ["gateway", "sidecar"])
+async def test_the_python_cost_benchmark_still_relays_every_request(kind):
+    from bench.relay import KINDS, per_request
+
+    options, request, _ = KINDS[kind]
+    # No timing asserted: per_request raises if a request was not relayed to the end.
+    assert await per_request(RelaySettings(kind, **options), request, True, requests=200, repeats=1) > 0

@@ -112,6 +112,7 @@ def run(app: web.Application) -> None:
             port=int(os.environ.get("PORT", "8080")),
             # A service with app_socket = true: also here, where its sidecar relays to.
             path=os.environ.get("APP_SOCKET") or None,
+            backlog=1024,  # a burst of new connections from the sidecar waits rather than being refused
             loop=uvloop.new_event_loop(),
             access_log=None,  # the sidecar writes the access log; one line per request is enough
             print=None,

@@ -66,12 +66,16 @@ async def listen(protocol_factory: Callable[[], asyncio.Protocol], name: str) ->
 async def connect(protocol_factory: Callable[[], asyncio.Protocol], address: str
                   ) -> tuple[asyncio.Transport, asyncio.Protocol]:
     # The socket is connected here because uvloop's create_unix_connection(path) passes the
-    # path to libuv as a C string, which cuts an abstract name at its leading NUL.
+    # path to libuv as a C string, which cuts an abstract name at its leading NUL. A Unix
+    # connect never waits: it is made or refused at once, and a listener whose backlog is
+    # full refuses with EAGAIN (BlockingIOError), where loop.sock_connect would report a
+    # success and hand back an unconnected socket. Any refusal is an OSError: the caller
+    # goes to TCP, which queues instead.
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await loop.sock_connect(sock, address)
+        sock.connect(address)
         return await loop.create_unix_connection(protocol_factory, sock=sock)
     except BaseException:
         sock.close()

@@ -233,7 +233,7 @@ class ClientSide(asyncio.Protocol):
         self.transport = transport
         self.relay.connections.add(self)
         peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if peer else ""
+        self.peer = peer[0] if isinstance(peer, tuple) else ""  # a Unix socket's peer has no address
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -515,6 +515,9 @@ class ClientSide(asyncio.Protocol):
         if self.closed or not self.busy:
             up.release()
             return
+        if not up.usable:  # closed by the instance before we wrote anything
+            self._attempt_failed("connect_refused", retry_any_method=True)
+            return
         self._attach(up, reused=False)
 
     async def _open(self, backend: Backend) -> UpstreamSide:
@@ -525,11 +528,14 @@ class ClientSide(asyncio.Protocol):
             try:
                 return (await local.connect(lambda: UpstreamSide(relay, backend), address))[1]
             except OSError:
-                # Unreachable (its process just died or is restarting, or another network
-                # namespace after all): TCP meanwhile, the socket again a little later.
+                # Unreachable (its process just died or is restarting, its backlog is full,
+                # or another network namespace after all): TCP meanwhile, the socket again
+                # a little later.
                 backend.socket_retry_at = time.monotonic() + SOCKET_RETRY
-        return (await relay.loop.create_connection(lambda: UpstreamSide(relay, backend), backend.host,
-                                                   backend.port))[1]
+        up = (await relay.loop.create_connection(lambda: UpstreamSide(relay, backend), backend.host,
+                                                 backend.port))[1]
+        up.stand_in = address is not None  # see UpstreamSide.release
+        return up
 
     def _attach(self, up: UpstreamSide, reused: bool) -> None:
         self.upstream = up
@@ -709,7 +715,7 @@ class UpstreamSide(asyncio.Protocol):
     """A keep-alive connection to one instance, relaying one response at a time."""
 
     __slots__ = ("backend", "buf", "client", "closed", "done", "head_done", "is_head", "keep_alive", "mode",
-                 "parser", "reading_paused", "relay", "remaining", "reused", "transport", "tunnelled")
+                 "parser", "reading_paused", "relay", "remaining", "reused", "stand_in", "transport", "tunnelled")
 
     def __init__(self, relay: Relay, backend: Backend) -> None:
         self.relay = relay
@@ -728,6 +734,9 @@ class UpstreamSide(asyncio.Protocol):
         self.is_head = False
         self.tunnelled = False
         self.reading_paused = False
+        # TCP standing in for the instance's Unix socket, which had failed: not kept in the
+        # pool once the socket may be tried again, or pooled TCP would carry on for good.
+        self.stand_in = False
 
     @property
     def usable(self) -> bool:
@@ -756,7 +765,8 @@ class UpstreamSide(asyncio.Protocol):
         self.resume_reading()
         backend = self.backend
         if (self.closed or backend.removed or self.relay.draining
-                or len(backend.idle) >= self.relay.settings.max_idle_per_backend):
+                or len(backend.idle) >= self.relay.settings.max_idle_per_backend
+                or (self.stand_in and time.monotonic() >= backend.socket_retry_at)):
             self.close()
         else:
             backend.idle.append(self)

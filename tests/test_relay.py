@@ -1764,7 +1764,7 @@ async def test_unreachable_unix_socket_falls_back_to_tcp_and_is_tried_again_late
     late = local.socket_name("relay-test-late", random.randrange(1 << 30))
     async with tcp_and_unix_backend(local.socket_name("relay-test-other", random.randrange(1 << 30))) as (port, runner):
         route = announcing(port, late)
-        async with relay_stack(route, max_idle_per_backend=0) as stack, aiohttp.ClientSession() as session:
+        async with relay_stack(route) as stack, aiohttp.ClientSession() as session:
 
             async def family() -> str:
                 async with session.get(f"{stack.url}/x") as resp:
@@ -1774,13 +1774,44 @@ async def test_unreachable_unix_socket_falls_back_to_tcp_and_is_tried_again_late
             assert await family() == "AF_INET", "nobody listens on the socket yet: TCP"
             server = await local.listen(runner.server, late)  # e.g. an app that was restarting
             try:
-                assert await family() == "AF_INET", "within SOCKET_RETRY: TCP without trying the socket"
+                assert await family() == "AF_INET", "within SOCKET_RETRY: the pooled TCP connection"
                 await asyncio.sleep(0.6)
-                assert await family() == "AF_UNIX", "then the socket again"
+                assert await family() == "AF_INET", "it finishes this request, then leaves the pool"
+                assert [await family() for _ in range(3)] == ["AF_UNIX"] * 3, "then the socket, pooled"
             finally:
                 server.close()
         assert stack.metrics.upstream_errors == {}, "a fallback is not a failed attempt"
         await settled(route)
+
+
+async def test_a_unix_socket_with_a_full_backlog_gives_way_to_tcp():
+    # A listener that never accepts, its queue filled: a Unix connect is refused at once
+    # (EAGAIN) where TCP would queue. The request must go over TCP, not hang.
+    name = local.socket_name("relay-test-full", random.randrange(1 << 30))
+    address = "\0" + name[1:]
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(address)
+    listener.listen(0)
+    queued = []
+    try:
+        while True:
+            client = socket.socket(socket.AF_UNIX)
+            client.setblocking(False)
+            queued.append(client)
+            try:
+                client.connect(address)
+            except BlockingIOError:
+                break
+        async with tcp_and_unix_backend(local.socket_name("relay-test-x", random.randrange(1 << 30))) as (port, _):
+            route = announcing(port, name)
+            async with relay_stack(route) as stack, aiohttp.ClientSession() as session:
+                async with session.get(f"{stack.url}/x", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    assert resp.status == 200 and (await resp.json())["family"] == "AF_INET"
+            await settled(route)
+    finally:
+        for sock in queued:
+            sock.close()
+        listener.close()
 
 
 # -- the same core paths on uvloop (what the sidecar and the gateway run on) --------------

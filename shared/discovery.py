@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import consul.aio
 import msgspec
@@ -53,6 +53,9 @@ RETRY_MAX = 2.0
 # How long after an agent restart a missing instance or service is kept (see above):
 # sidecars re-register within a few seconds (their anti-entropy retries every second).
 REBUILD_GRACE = 10.0
+
+if TYPE_CHECKING:
+    from shared.relay import Route
 
 LOGGER = "meshvisor.discovery"
 
@@ -94,6 +97,12 @@ def honours_idempotency_key(endpoints: tuple[Endpoint, ...]) -> bool:
     that it answers a repeated Idempotency-Key with the first outcome, so a keyed request
     may be resent to another instance. All of them: a retry may land on any."""
     return bool(endpoints) and all(e.meta.get("idempotency_key") == "true" for e in endpoints)
+
+
+def route_to(route: Route, endpoints: tuple[Endpoint, ...]) -> None:
+    """Point `route` (a gateway's or a sidecar upstream's) at these passing instances."""
+    route.balancer.update((e.id, e.address, e.port, e.meta) for e in endpoints)
+    route.idempotency_key = honours_idempotency_key(endpoints)
 
 
 def next_index(previous: int, returned: int) -> int:

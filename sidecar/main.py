@@ -24,7 +24,7 @@ from aiohttp import web
 from shared import local
 from shared.balancing import Balancer
 from shared.consul import make_client
-from shared.discovery import Endpoint, ServiceWatch, honours_idempotency_key
+from shared.discovery import Endpoint, ServiceWatch, route_to
 from shared.relay import Relay, RelaySettings, Route
 from shared.telemetry import AccessLog, RelayMetrics
 from sidecar.registration import Registration
@@ -146,8 +146,7 @@ class Sidecar:
                           request_timeout=self.s.request_timeout, retries=self.s.retries)
 
             def update(endpoints: tuple[Endpoint, ...], balancer=balancer, route=route) -> None:
-                balancer.update((e.id, e.address, e.port, e.meta) for e in endpoints)
-                route.idempotency_key = honours_idempotency_key(endpoints)
+                route_to(route, endpoints)
                 log.info("upstream instances changed", extra={"fields": {
                     "upstream": balancer.name, "instances": [f"{e.address}:{e.port}" for e in endpoints]}})
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import consul.aio
 
 from shared.balancing import Balancer
-from shared.discovery import CatalogWatch, Endpoint, ServiceWatch, honours_idempotency_key
+from shared.discovery import CatalogWatch, Endpoint, ServiceWatch, route_to
 from shared.relay import Route
 
 log = logging.getLogger("meshvisor.gateway.routes")
@@ -108,8 +108,7 @@ class RouteTable:
         route = self.routes.get(name)
         if route is None:
             route = self.routes[name] = self.make_route(name, Balancer(name))
-        route.balancer.update((e.id, e.address, e.port, e.meta) for e in endpoints)
-        route.idempotency_key = honours_idempotency_key(endpoints)
+        route_to(route, endpoints)
         self._rebuild()
 
     def _rebuild(self) -> None:

@@ -153,7 +153,7 @@ class Daemon:
         address (108 bytes on Linux). A file left by an earlier run is removed."""
         if not service.app_socket:
             return ""
-        path = self.state_dir / "run" / f"app-{app_port}.sock"
+        path = self._app_socket_path(app_port)
         if len(os.fsencode(path)) > MAX_SOCKET_PATH:
             self.say(f"warning: {service.name}: the app socket path {path} is too long for a Unix socket; "
                      "TCP only (a shorter state directory fixes it)")
@@ -161,11 +161,14 @@ class Daemon:
         path.unlink(missing_ok=True)
         return str(path)
 
+    def _app_socket_path(self, app_port: int) -> Path:
+        return self.state_dir / "run" / f"app-{app_port}.sock"
+
     def release(self, instance: Instance) -> None:
         for port in instance.ports.taken:
             self.ports.release(port)
         if instance.service.app_socket and instance.service.sidecar:
-            (self.state_dir / "run" / f"app-{instance.ports.app}.sock").unlink(missing_ok=True)
+            self._app_socket_path(instance.ports.app).unlink(missing_ok=True)
 
     # -- the run -------------------------------------------------------------------
 

@@ -24,8 +24,8 @@ import statistics
 import sys
 
 from bench import proxies
-from bench.harness import (Path_, Processes, consul_dev_agent, free_port, machine, measure, paired, per_proxy,
-                           reset, table, wait_http)
+from bench.harness import (Path_, Processes, bench_app, consul_dev_agent, free_port, machine, measure, paired,
+                           per_proxy, reset, table, wait_http)
 
 
 def main() -> None:
@@ -38,11 +38,7 @@ def main() -> None:
 
     with Processes() as procs:
         consul = consul_dev_agent(procs)
-        app_port = free_port()
-        # The app also on a Unix socket, relayed to through it: a service with app_socket = true.
-        app_socket = f"{procs.tmp}/app.sock"
-        procs.start([sys.executable, "bench/app.py"], {"PORT": str(app_port), "APP_SOCKET": app_socket}, name="app")
-        wait_http(f"http://127.0.0.1:{app_port}/health")
+        app_port, app_socket = bench_app(procs)
 
         public, admin = free_port(), free_port()
         sidecar = procs.start([sys.executable, "-m", "sidecar"], {

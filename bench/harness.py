@@ -2,8 +2,9 @@
 
 Method (the same for every benchmark here): wrk with 1 thread and 50 connections,
 several rounds with the paths interleaved, every other round in reverse order (so drift
-of this noisy 2-core machine hits every path alike), medians over rounds. CPU per request is the utime+stime a proxy
-process spent during a run (from /proc/<pid>/stat) divided by the requests wrk counted.
+of this noisy 2-core machine hits every path alike), medians over rounds. CPU per
+request is the utime+stime a proxy process spent during a run (from /proc/<pid>/stat)
+divided by the requests wrk counted.
 """
 
 from __future__ import annotations
@@ -102,6 +103,15 @@ def consul_dev_agent(procs: Processes) -> str:
             pass
         time.sleep(0.1)
     raise RuntimeError("consul dev agent did not get a leader")
+
+
+def bench_app(procs: Processes) -> tuple[int, str]:
+    """Starts bench/app.py; its port and Unix socket (it listens on both, as a service
+    with app_socket = true does: its sidecar is given the socket as APP_SOCKET)."""
+    port, socket_path = free_port(), f"{procs.tmp}/app.sock"
+    procs.start([sys.executable, "bench/app.py"], {"PORT": str(port), "APP_SOCKET": socket_path}, name="app")
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return port, socket_path
 
 
 @dataclass

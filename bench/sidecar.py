@@ -14,7 +14,8 @@ import argparse
 import datetime
 import sys
 
-from bench.harness import Path_, Processes, consul_dev_agent, free_port, machine, measure, reset, table, wait_http
+from bench.harness import (Path_, Processes, bench_app, consul_dev_agent, free_port, machine, measure, reset,
+                           table, wait_http)
 
 
 def main() -> None:
@@ -26,12 +27,9 @@ def main() -> None:
 
     with Processes() as procs:
         consul = consul_dev_agent(procs)
-        app_port, public, admin_a = free_port(), free_port(), free_port()
+        app_port, app_socket = bench_app(procs)
+        public, admin_a = free_port(), free_port()
         client_public, admin_b, upstream = free_port(), free_port(), free_port()
-        # The app also on a Unix socket, relayed to through it: a service with app_socket = true.
-        app_socket = f"{procs.tmp}/app.sock"
-        procs.start([sys.executable, "bench/app.py"], {"PORT": str(app_port), "APP_SOCKET": app_socket}, name="app")
-        wait_http(f"http://127.0.0.1:{app_port}/health")
         common = {"CONSUL_HTTP_ADDR": consul, "SIDECAR_ACCESS_LOG": "0" if args.no_access_log else "1",
                   "SIDECAR_DRAIN_SECONDS": "0", "APP_SOCKET": app_socket}
         sidecar_a = procs.start([sys.executable, "-m", "sidecar"], {

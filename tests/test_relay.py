@@ -71,10 +71,10 @@ async def relay_stack(route: Route | None = None, *, router=None, routes=(), acc
         await server.wait_closed()
 
 
-def make_route(*ports: int, name: str = "svc", **kw) -> Route:
+def make_route(*ports: int, name: str = "svc", meta: dict[str, str] | None = None, **kw) -> Route:
     balancer_kw = {k: kw.pop(k) for k in ("eject_after", "eject_for") if k in kw}
     balancer = Balancer(name, **balancer_kw)
-    balancer.update([(f"{name}-{i}", "127.0.0.1", port, {}) for i, port in enumerate(ports)])
+    balancer.update([(f"{name}-{i}", "127.0.0.1", port, meta or {}) for i, port in enumerate(ports)])
     kw.setdefault("connect_timeout", 2.0)
     kw.setdefault("request_timeout", 10.0)
     return Route(name, balancer, **kw)
@@ -1734,10 +1734,8 @@ async def tcp_and_unix_backend(name: str):
 
 
 def announcing(port: int, name: str, host: str | None = None) -> Route:
-    balancer = Balancer("svc")
-    balancer.update([("svc-1", "127.0.0.1", port, {
-        local.META_SOCKET: name, local.META_HOST: local.host_id() if host is None else host})])
-    return Route("svc", balancer, connect_timeout=2.0, request_timeout=10.0)
+    """A route to an instance whose Meta announces socket `name` on `host` (default: ours)."""
+    return make_route(port, meta={local.META_SOCKET: name, local.META_HOST: local.host_id() if host is None else host})
 
 
 async def scenario_local_instance_through_its_unix_socket() -> None:

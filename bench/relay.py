@@ -3,7 +3,7 @@
 One keep-alive client connection and one pooled instance connection with stand-in
 transports (their write() keeps nothing): each round feeds a small GET into the client
 side and a small JSON response into the instance side, the path a real request takes
-through shared/relay.py, minus the syscalls. Measured with the gateway's settings and the
+through shared/mesh/relay.py, minus the syscalls. Measured with the gateway's settings and the
 sidecar's, then with one feature switched off at a time, so each feature's cost is the
 difference from the full run measured in the same process. Best of several repeats (the
 least disturbed by this noisy machine).
@@ -20,9 +20,9 @@ import time
 
 import uvloop
 
-from shared.balancing import Balancer
-from shared.relay import Relay, RelaySettings, Route, UpstreamSide
-from shared.telemetry import AccessLog, RelayMetrics
+from shared.mesh.balancing import Balancer
+from shared.mesh.relay import Relay, RelaySettings, Route, UpstreamSide
+from shared.mesh.telemetry import AccessLog, RelayMetrics
 
 REQUEST = b"GET /api/v1/bench/ HTTP/1.1\r\nHost: 127.0.0.1:3000\r\nUser-Agent: wrk\r\n\r\n"
 # The same request as the gateway passes it on to a sidecar.

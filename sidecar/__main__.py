@@ -2,8 +2,8 @@ import sys
 
 import uvloop
 
-from shared import log
-from shared.startup import exit_cleanly_if_it_cannot_listen
+from shared.kit import log
+from shared.kit.startup import exit_cleanly_if_it_cannot_listen
 from sidecar.main import Sidecar
 from sidecar.settings import SettingsError, from_env
 

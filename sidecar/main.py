@@ -21,13 +21,13 @@ import time
 import aiohttp
 from aiohttp import web
 
-from shared import local
-from shared.balancing import Balancer
-from shared.consul import make_client
-from shared.discovery import Endpoint, ServiceWatch, route_to
-from shared.relay import Relay, RelaySettings, Route
-from shared.telemetry import AccessLog, RelayMetrics
-from sidecar.registration import Registration
+from shared.mesh import local
+from shared.mesh.balancing import Balancer
+from shared.mesh.consul import make_client
+from shared.mesh.discovery import Endpoint, ServiceWatch, route_to
+from shared.mesh.relay import Relay, RelaySettings, Route
+from shared.mesh.telemetry import AccessLog, RelayMetrics
+from shared.mesh.registration import Registration
 from sidecar.settings import SidecarSettings
 
 log = logging.getLogger("meshvisor.sidecar")
@@ -45,7 +45,7 @@ class Sidecar:
         self.watches: dict[str, ServiceWatch] = {}
         self.balancers: dict[str, Balancer] = {}
         self.app_healthy = False
-        self.unix_socket = ""  # the announced name, once listening on it (shared.local)
+        self.unix_socket = ""  # the announced name, once listening on it (shared.mesh.local)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._admin: web.AppRunner | None = None

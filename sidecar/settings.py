@@ -42,7 +42,7 @@ class SidecarSettings(msgspec.Struct, kw_only=True):
     retries: int
     access_log: bool
     # Also listen on an abstract Unix socket and announce it, for gateways and sidecars on
-    # this host (shared.local).
+    # this host (shared.mesh.local).
     unix_socket: bool = True
 
     @property

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from supervisor.backoff import Backoff
+from shared.backoff import CrashBackoff
 from supervisor.config import RestartPolicy
 from supervisor.logs import ProcessLog
 
@@ -79,7 +79,9 @@ class Process:
         self.restarts = 0
         self.last_exit: int | None = None
         self.reason = ""
-        self._backoff = Backoff(spec.restart)
+        policy = spec.restart
+        self._backoff = CrashBackoff(policy.backoff_initial, policy.backoff_max, policy.max_retries,
+                                     policy.stable_after)
         self._on_spawn = on_spawn
         self._on_exit = on_exit
         # Called with this process when it exits (not when we stop it): the instance

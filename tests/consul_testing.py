@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from shared.consul import make_client
+from shared.mesh.consul import make_client
 from tests.helpers import ConsulDevAgent, free_port
 
 

@@ -13,7 +13,8 @@ import jwt
 import pytest
 
 from services.auth import app as auth_app
-from shared.tokens import TokenVerifier, generate_key, issue_access_token
+from services.auth.tokens import generate_key, issue_access_token
+from shared.kit.tokens import TokenVerifier
 from tests.pg import postgres_server  # noqa: F401  (fixture)
 
 P = "/api/v1/auth"

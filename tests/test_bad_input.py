@@ -44,11 +44,11 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from services.gateway.app import Settings
-from shared.app import MAX_BODY, SERVER_LIMITS, create_app
-from shared.openapi import Routes
-from shared.relay import MAX_HEAD
-from shared.types import LoginRequest
-from shared.web import decode, json_response, query
+from shared.kit.app import MAX_BODY, SERVER_LIMITS, create_app
+from shared.kit.openapi import Routes
+from shared.mesh.relay import MAX_HEAD
+from services.auth.contract import LoginRequest
+from shared.kit.web import decode, json_response, query
 from tests.figures import figure
 from tests.helpers import ConsulDevAgent, wait_for
 from tests.stack import app_stack, call, shaped, user
@@ -754,7 +754,7 @@ async def test_a_target_that_is_not_utf8_is_400(aiohttp_server):
 
 
 async def test_services_accept_every_head_a_relay_passes(aiohttp_server):
-    """shared.app.run() serves with SERVER_LIMITS: a 20 KB header, a 20 KB target and 300
+    """shared.kit.app.run() serves with SERVER_LIMITS: a 20 KB header, a 20 KB target and 300
     headers reach the app (aiohttp's defaults answered a plain-text 400)."""
     assert SERVER_LIMITS["max_field_size"] >= RELAY_MAX_HEAD and SERVER_LIMITS["max_line_size"] >= RELAY_MAX_HEAD
     server = await aiohttp_server(_probe_app(), **SERVER_LIMITS)
@@ -774,7 +774,8 @@ def test_accepted_addresses_are_rfc_addresses():
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from shared.types import EMAIL_PATTERN, ItemCreate, RegisterRequest
+    from services.auth.contract import EMAIL_PATTERN, RegisterRequest
+    from services.example.contract import ItemCreate
 
     def accepted(email: str) -> bool:
         try:

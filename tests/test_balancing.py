@@ -1,4 +1,4 @@
-"""The balancer (shared/balancing.py): power of two choices on in-flight requests, with
+"""The balancer (shared/mesh/balancing.py): power of two choices on in-flight requests, with
 temporary ejection of instances that keep failing and a panic mode when all are ejected."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-import shared.balancing as balancing
-from shared.balancing import Backend, Balancer
+import shared.mesh.balancing as balancing
+from shared.mesh.balancing import Backend, Balancer
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""shared.db against a real PostgreSQL: migrations (order, checksums, concurrency,
+"""shared.kit.db against a real PostgreSQL: migrations (order, checksums, concurrency,
 failure) and the pool's behaviour across a server restart."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import asyncpg
 import asyncpg.exceptions as pgerr
 import pytest
 
-from shared.db import (
+from shared.kit.db import (
     DatabaseUnavailable,
     MigrationError,
     acquire,
@@ -183,7 +183,7 @@ async def test_two_pools_migrating_at_once_apply_each_file_once(dsn, tmp_path):
 MIGRATE_SCRIPT = """
 import asyncio, json, os, sys
 from pathlib import Path
-from shared.db import migrate
+from shared.kit.db import migrate
 print(json.dumps(asyncio.run(migrate(os.environ["DATABASE_URL"], Path(sys.argv[1]), service="svc"))))
 """
 

@@ -1,4 +1,4 @@
-"""shared.discovery against a real Consul agent (and a scripted fake for the loop's rules)."""
+"""shared.mesh.discovery against a real Consul agent (and a scripted fake for the loop's rules)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import uuid
 import pytest
 from consul.base import Response
 
-from shared.consul import make_client
-from shared.discovery import (CatalogWatch, Endpoint, ServiceWatch, endpoints_from_health, honours_idempotency_key,
+from shared.mesh.consul import make_client
+from shared.mesh.discovery import (CatalogWatch, Endpoint, ServiceWatch, endpoints_from_health, honours_idempotency_key,
                               next_index)
-from sidecar.registration import Registration
+from shared.mesh.registration import Registration
 from tests.consul_testing import client, dev_agent, eventually, health_app  # noqa: F401 (fixtures)
 
 

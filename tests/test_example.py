@@ -23,7 +23,7 @@ from services.example import app as example_app
 from services.example import storage
 from services.example.owners import AuthUnavailable, OwnerDirectory
 from services.example.storage import like_pattern
-from shared.tokens import SigningKey, generate_key, issue_access_token, jwks
+from services.auth.tokens import SigningKey, generate_key, issue_access_token, jwks
 from tests.pg import postgres_server  # noqa: F401  (fixture)
 
 ITEMS = "/api/v1/example/items"

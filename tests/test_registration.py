@@ -1,4 +1,4 @@
-"""sidecar.registration and shared.consul against a real Consul agent."""
+"""shared.mesh.registration and shared.mesh.consul against a real Consul agent."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 import pytest
 from aiohttp import web
 
-from shared.consul import (
+from shared.mesh.consul import (
     agent_version,
     call,
     http_check,
@@ -18,7 +18,7 @@ from shared.consul import (
     parse_version,
     registration_payload,
 )
-from sidecar.registration import Registration
+from shared.mesh.registration import Registration
 from tests.consul_testing import client, dev_agent, eventually, health_app  # noqa: F401 (fixtures)
 from tests.helpers import free_port
 

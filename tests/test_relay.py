@@ -1,4 +1,4 @@
-"""The HTTP/1.1 relay (shared/relay.py), run in-process against small local backends.
+"""The HTTP/1.1 relay (shared/mesh/relay.py), run in-process against small local backends.
 
 Backends are aiohttp apps, or raw asyncio servers where exact bytes matter; clients are
 aiohttp sessions, or raw sockets for malformed input, pipelining, half-close and HEAD.
@@ -22,11 +22,11 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from shared import local
-from shared.balancing import Balancer
-from shared import relay as relay_module
-from shared.relay import MAX_HEAD, Relay, RelaySettings, Route
-from shared.telemetry import AccessLog, RelayMetrics
+from shared.mesh import local
+from shared.mesh.balancing import Balancer
+from shared.mesh import relay as relay_module
+from shared.mesh.relay import MAX_HEAD, Relay, RelaySettings, Route
+from shared.mesh.telemetry import AccessLog, RelayMetrics
 
 T = 10.0  # upper bound for any single wait
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -1709,7 +1709,7 @@ async def test_metrics_render():
         assert 't_request_duration_seconds_count{route="svc"} 1.0' in text
 
 
-# -- instances on this host: through their Unix socket (shared/local.py) -----------------
+# -- instances on this host: through their Unix socket (shared/mesh/local.py) -----------------
 
 
 async def transport_family(request: web.Request) -> web.Response:

@@ -1,5 +1,5 @@
 """The web layer every service is built on: error shape, request ids, decoding, contracts,
-OpenAPI, metrics and health (shared/app.py, web.py, errors.py, types.py, openapi.py, log.py)."""
+OpenAPI, metrics and health (shared/kit/app.py, web.py, errors.py, types.py, openapi.py, log.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from shared import log as logsetup
-from shared.app import create_app
-from shared.errors import ApiError
-from shared.openapi import Routes, to_openapi30
-from shared.types import (Item, ItemCreate, ItemPage, ItemUpdate, LoginRequest, Pagination, PublicUser,
-                          RegisterRequest, TokenPair, UserProfile)
-from shared.web import decode, json_response, outgoing_headers, query
+from shared.kit import log as logsetup
+from shared.kit.app import create_app
+from shared.kit.errors import ApiError
+from shared.kit.openapi import Routes, to_openapi30
+from services.auth.contract import LoginRequest, PublicUser, RegisterRequest, TokenPair, UserProfile
+from services.example.contract import Item, ItemCreate, ItemPage, ItemUpdate
+from shared.kit.fields import Pagination
+from shared.kit.web import decode, json_response, outgoing_headers, query
 
 SECRET = "correct-horse-battery-staple"
 ERROR_KEYS = {"status", "error", "message", "request_id"}
@@ -69,7 +70,7 @@ def sample_routes() -> Routes:
 
 @pytest.fixture
 def captured_log():
-    """JSON log lines, as shared.log.setup would write them to stdout."""
+    """JSON log lines, as shared.kit.log.setup would write them to stdout."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logsetup.JsonFormatter({"component": "app", "service": "test", "instance": "test.1"}))
@@ -183,7 +184,7 @@ async def test_unexpected_exception_is_500_and_traceback_only_in_log(client, cap
 
 
 async def test_database_unavailable_is_503(aiohttp_client, monkeypatch):
-    db = pytest.importorskip("shared.db")
+    db = pytest.importorskip("shared.kit.db")
     monkeypatch.delenv("DATABASE_URL", raising=False)
     app = create_app("test")
 
@@ -438,7 +439,7 @@ def test_services_still_build(monkeypatch):
 
 
 async def test_nul_characters_are_422_not_500(aiohttp_client):
-    from shared.types import RegisterRequest
+    from services.auth.contract import RegisterRequest
 
     async def handler(request):
         await decode(request, RegisterRequest)
@@ -453,7 +454,7 @@ async def test_nul_characters_are_422_not_500(aiohttp_client):
 
 
 async def test_token_errors_map_to_401_and_503(aiohttp_client):
-    from shared.tokens import InvalidToken, VerifierUnavailable
+    from shared.kit.tokens import InvalidToken, VerifierUnavailable
 
     async def bad_token(request):
         raise InvalidToken("token expired")
@@ -473,7 +474,7 @@ async def test_token_errors_map_to_401_and_503(aiohttp_client):
 
 
 def test_offset_is_bounded_below_postgres_bigint():
-    from shared.types import Pagination
+    from shared.kit.fields import Pagination
 
     assert msgspec.convert({"offset": 1_000_000_000}, Pagination).offset == 1_000_000_000
     with pytest.raises(msgspec.ValidationError, match="offset"):
@@ -485,7 +486,7 @@ def test_a_librarys_background_upkeep_logs_one_line_without_a_request_id():
     task that inherited the request id of whichever request created it."""
     import sys
 
-    from shared.log import BackgroundNoise, JsonFormatter, request_id
+    from shared.kit.log import BackgroundNoise, JsonFormatter, request_id
 
     try:
         raise ConnectionRefusedError("connect to postgresql://app:s3cret@127.0.0.1/db failed")

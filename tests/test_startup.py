@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from shared.startup import EXIT_CANNOT_LISTEN, exit_cleanly_if_it_cannot_listen
+from shared.kit.startup import EXIT_CANNOT_LISTEN, exit_cleanly_if_it_cannot_listen
 from tests.helpers import PY, ROOT
 
 

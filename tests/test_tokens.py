@@ -1,4 +1,4 @@
-"""Token issuing and verification (shared/tokens.py) against a JWKS served by a small
+"""Token issuing and verification (shared/kit/tokens.py) against a JWKS served by a small
 aiohttp app on 127.0.0.1. Time-based refresh rules run on a fake monotonic clock; every
 wait is bounded.
 """
@@ -20,19 +20,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from shared.tokens import (
-    Claims,
-    InvalidToken,
-    SigningKey,
-    TokenVerifier,
-    VerifierUnavailable,
-    bearer_token,
-    generate_key,
-    hash_refresh_token,
-    issue_access_token,
-    jwks,
-    new_refresh_token,
-)
+from services.auth.tokens import SigningKey, generate_key, hash_refresh_token, issue_access_token, jwks, new_refresh_token
+from shared.kit.tokens import Claims, InvalidToken, TokenVerifier, VerifierUnavailable, bearer_token
 
 T = 10.0  # upper bound for any single wait
 ISSUER = "meshvisor-auth"

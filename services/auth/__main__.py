@@ -1,4 +1,4 @@
 from services.auth.app import build
-from shared.app import run
+from shared.kit.app import run
 
 run(build())

@@ -16,14 +16,14 @@ from pathlib import Path
 from aiohttp import web
 
 from services.auth import passwords, storage
-from shared.app import create_app, get_pool, pool_of
-from shared.errors import ApiError
-from shared.openapi import Routes
-from shared.tokens import (SigningKey, bearer_token, decode_access_token, hash_refresh_token, issue_access_token,
-                           jwks, new_refresh_token)
-from shared.types import (LoginRequest, LogoutRequest, PublicUser, RefreshRequest, RegisterRequest, TokenPair,
-                          UserProfile)
-from shared.web import decode, json_response
+from services.auth.contract import (LoginRequest, LogoutRequest, PublicUser, RefreshRequest, RegisterRequest, TokenPair,
+                                    UserProfile)
+from services.auth.tokens import SigningKey, hash_refresh_token, issue_access_token, jwks, new_refresh_token
+from shared.kit.app import create_app, get_pool, pool_of
+from shared.kit.errors import ApiError
+from shared.kit.openapi import Routes
+from shared.kit.tokens import bearer_token, decode_access_token
+from shared.kit.web import decode, json_response
 
 log = logging.getLogger("meshvisor.auth")
 

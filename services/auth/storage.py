@@ -13,8 +13,8 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from shared.db import acquire
-from shared.tokens import SigningKey, generate_key
+from shared.kit.db import acquire
+from services.auth.tokens import SigningKey, generate_key
 
 LOGIN_WINDOW = timedelta(minutes=15)
 

@@ -25,11 +25,11 @@ from services.example import storage
 from services.example.identity import DEFAULT_AUDIENCE, DEFAULT_ISSUER, Authenticator
 from services.example.owners import AuthUnavailable, OwnerDirectory
 from services.example.storage import ItemNotFound, ItemQuery, KeyInProgress, KeyReused, NotOwner
-from shared.app import create_app, get_pool, pool_of
-from shared.errors import ApiError
-from shared.openapi import Routes
-from shared.types import Item, ItemCreate, ItemPage, ItemUpdate
-from shared.web import decode, idempotency_key, json_response, query
+from shared.kit.app import create_app, get_pool, pool_of
+from shared.kit.errors import ApiError
+from shared.kit.openapi import Routes
+from services.example.contract import Item, ItemCreate, ItemPage, ItemUpdate
+from shared.kit.web import decode, idempotency_key, json_response, query
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 ITEMS = "/api/v1/example/items"

@@ -2,7 +2,7 @@
 
 One `TokenVerifier` per process (its JWKS cache is shared by every request), made at
 start-up and closed at clean-up. Its two failures are mapped here to the error shape,
-since shared/web.py knows nothing about tokens: a token that must be refused is a 401
+since shared/kit/web.py knows nothing about tokens: a token that must be refused is a 401
 (with `WWW-Authenticate`, RFC 6750), and keys that cannot be fetched to judge it a 503.
 """
 
@@ -12,8 +12,8 @@ import uuid
 
 from aiohttp import web
 
-from shared.errors import ApiError
-from shared.tokens import InvalidToken, TokenVerifier, VerifierUnavailable, bearer_token
+from shared.kit.errors import ApiError
+from shared.kit.tokens import InvalidToken, TokenVerifier, VerifierUnavailable, bearer_token
 
 JWKS_PATH = "/api/v1/auth/.well-known/jwks.json"
 DEFAULT_ISSUER = "meshvisor-auth"

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable
 import aiohttp
 import msgspec
 
-from shared.types import PublicUser
-from shared.web import outgoing_headers
+from services.auth.contract import PublicUser
+from shared.kit.web import outgoing_headers
 
 log = logging.getLogger("meshvisor.example.owners")
 

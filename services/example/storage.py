@@ -15,8 +15,9 @@ from typing import Annotated
 import asyncpg
 import msgspec
 
-from shared import db
-from shared.types import Item, ItemCreate, Pagination, PriceCents, Tag
+from shared.kit import db
+from services.example.contract import Item, ItemCreate, PriceCents, Tag
+from shared.kit.fields import Pagination
 
 _COLUMNS = "id, owner_id, title, description, price_cents, tags, created_at, updated_at"
 # The columns a client may change (ItemUpdate's fields), as SQL identifiers.

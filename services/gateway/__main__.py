@@ -1,8 +1,8 @@
 import uvloop
 
 from services.gateway.app import Gateway, Settings
-from shared import log
-from shared.startup import exit_cleanly_if_it_cannot_listen
+from shared.kit import log
+from shared.kit.startup import exit_cleanly_if_it_cannot_listen
 
 
 def main() -> None:

@@ -22,13 +22,13 @@ from aiohttp import web
 
 from services.gateway.openapi import OpenApiMerger
 from services.gateway.routes import RouteTable, match
-from shared.app import SERVER_LIMITS
-from shared.balancing import Balancer
-from shared.consul import make_client
-from shared.relay import Relay, RelaySettings, Route
-from shared.telemetry import AccessLog, RelayMetrics
-from shared.web import errors, request_context
-from sidecar.registration import Registration
+from shared.kit.app import SERVER_LIMITS
+from shared.mesh.balancing import Balancer
+from shared.mesh.consul import make_client
+from shared.mesh.relay import Relay, RelaySettings, Route
+from shared.mesh.telemetry import AccessLog, RelayMetrics
+from shared.kit.web import errors, request_context
+from shared.mesh.registration import Registration
 
 log = logging.getLogger("meshvisor.gateway")
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import consul.aio
 
-from shared.balancing import Balancer
-from shared.discovery import CatalogWatch, Endpoint, ServiceWatch, route_to
-from shared.relay import Route
+from shared.mesh.balancing import Balancer
+from shared.mesh.discovery import CatalogWatch, Endpoint, ServiceWatch, route_to
+from shared.mesh.relay import Route
 
 log = logging.getLogger("meshvisor.gateway.routes")
 
@@ -30,7 +30,7 @@ def match(table: list[tuple[bytes, Route]], target: bytes) -> Route | None:
         if target.startswith(prefix):
             rest = target[len(prefix):len(prefix) + 1]
             # == rather than `rest in b"/?"`: in Python 3.11 `bytes in bytes` builds and
-            # discards a TypeError first (see shared.relay), and this runs per request.
+            # discards a TypeError first (see shared.mesh.relay), and this runs per request.
             if not rest or rest == b"/" or rest == b"?":
                 return route
     return None

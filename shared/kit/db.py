@@ -6,7 +6,7 @@
   start together: they queue on a PostgreSQL advisory lock keyed by the service name.
 - After a PostgreSQL restart the pool still holds sockets to the old server. `acquire`
   and `run` notice the failure, expire the pool's connections so the next attempt opens
-  fresh ones, and raise `DatabaseUnavailable` (mapped to a 503 by shared/errors.py).
+  fresh ones, and raise `DatabaseUnavailable` (mapped to a 503 by shared/kit/errors.py).
 
 The DSN holds a password: nothing here logs it or puts it into an error message.
 """
@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 import asyncpg
 import asyncpg.exceptions as pgerr
 
+from shared.kit.errors import ApiError
+
 log = logging.getLogger("meshvisor.db")
 
 T = TypeVar("T")
@@ -33,12 +35,18 @@ T = TypeVar("T")
 _MIGRATION_FILE = re.compile(r"^(\d{4})_[A-Za-z0-9][A-Za-z0-9_\-]*\.sql$")
 
 
-class DatabaseUnavailable(Exception):
+class DatabaseUnavailable(ApiError):
     """PostgreSQL cannot be reached (down, restarting, refusing connections, pool exhausted).
 
-    Unlike a query error this says nothing about the request: the caller answers 503 and
-    the client may retry later.
+    Unlike a query error this says nothing about the request: the client gets a 503 and
+    may retry later. `str()` has the detail, for the log; the client sees none of it.
     """
+
+    log_as_warning = True
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, "database unavailable", headers={"Retry-After": "1"})
+        self.args = (detail,)
 
 
 class MigrationError(Exception):

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import msgspec
 
-from shared.types import Error
+from shared.kit.errors import Error
 
 REF_TEMPLATE = "#/components/schemas/{name}"
 _PARAM_RE = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")  # aiohttp's {name} and {name:regex}
@@ -41,7 +41,7 @@ class Route:
     query: type | None = None  # a Struct whose fields are query parameters (e.g. Pagination)
     params: dict[str, type] = field(default_factory=dict)  # path parameter types; str by default
     auth: bool = False  # needs `Authorization: Bearer <access token>`
-    idempotent: bool = False  # honours an Idempotency-Key header (shared.web.idempotency_key)
+    idempotent: bool = False  # honours an Idempotency-Key header (shared.kit.web.idempotency_key)
     errors: tuple[int, ...] = ()  # error statuses worth documenting beyond the usual ones
     tags: tuple[str, ...] = ()
     description: str = ""

@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import consul.aio
 import msgspec
 
-from shared.consul import (
+from shared.backoff import Backoff
+from shared.mesh.consul import (
     MAX_WAIT,
     REQUEST_TIMEOUT,
     Log,
     LogTarget,
     OutageReporter,
     Reply,
-    RetryDelay,
     call,
     describe,
     duration,
@@ -55,7 +55,7 @@ RETRY_MAX = 2.0
 REBUILD_GRACE = 10.0
 
 if TYPE_CHECKING:
-    from shared.relay import Route
+    from shared.mesh.relay import Route
 
 LOGGER = "meshvisor.discovery"
 
@@ -198,7 +198,7 @@ class _BlockingWatch(Generic[T]):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        retry = RetryDelay(RETRY_FIRST, RETRY_MAX)
+        retry = Backoff(RETRY_FIRST, RETRY_MAX)
         last_start = -math.inf
         failures = 0  # queries failed in a row
         index_before = 0  # the index when they started failing

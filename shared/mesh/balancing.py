@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Iterable
 
-from shared.local import reachable_socket
+from shared.mesh.local import reachable_socket
 
 
 class Backend:
@@ -28,7 +28,7 @@ class Backend:
         self.address = f"{host}:{port}"  # logged per request: computed once
         self.meta = meta or {}
         # An instance on this host that announces a Unix socket is reached through it
-        # (shared.local); None: through host:port.
+        # (shared.mesh.local); None: through host:port.
         self.socket = reachable_socket(self.meta)
         self.socket_retry_at = 0.0  # after a failed connect through it: TCP until then (monotonic)
         self.inflight = 0

@@ -1,7 +1,7 @@
 """The app factory every service starts from.
 
 `create_app("auth", routes=api, database=True, migrations=folder)` gives an aiohttp app with:
-the request-id and error middlewares of shared/web.py, `/health` (checks the database when
+the request-id and error middlewares of shared/kit/web.py, `/health` (checks the database when
 the service has one), `/openapi.json` built from the declared routes, Prometheus `/metrics`
 (requests by route template and status, latency), a body size limit (413), and a database
 pool that survives PostgreSQL being down at start-up. `run(app)` serves it on HOST/PORT
@@ -22,12 +22,13 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from shared import db
-from shared import log as logsetup
-from shared.errors import ApiError, code_for
-from shared.openapi import Routes, build_document
-from shared.startup import exit_cleanly_if_it_cannot_listen
-from shared.web import REQUEST_ID, echo_request_id, errors, json_response, request_context
+from shared.backoff import Backoff
+from shared.kit import db
+from shared.kit import log as logsetup
+from shared.kit.errors import ApiError, code_for
+from shared.kit.openapi import Routes, build_document
+from shared.kit.startup import exit_cleanly_if_it_cannot_listen
+from shared.kit.web import REQUEST_ID, echo_request_id, errors, json_response, request_context
 
 log = logging.getLogger("meshvisor.app")
 
@@ -162,10 +163,9 @@ class DatabaseHook:
         return True
 
     async def _retry(self, app: web.Application) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while not await self._connect(app):
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            await asyncio.sleep(backoff.next())
         log.info("database ready")
 
 

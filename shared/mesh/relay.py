@@ -8,10 +8,10 @@ Design, for CPU per request rather than convenience:
   parser for chunked bodies, with flow control in both directions (no full buffering);
 - responses are relayed as received; only the status line and framing are looked at;
 - connections to instances are kept alive and pooled per instance, and go through a
-  Unix socket to an instance on this host that offers one (shared.local) and, from a
+  Unix socket to an instance on this host that offers one (shared.mesh.local) and, from a
   sidecar, to an app that listens on one.
 
-Around that: picking an instance (shared.balancing), retries on another instance when
+Around that: picking an instance (shared.mesh.balancing), retries on another instance when
 a connection fails (any method: nothing was sent) or, for idempotent methods and requests
 carrying an Idempotency-Key to a service that honours it, when the instance answers
 502/503 or drops the connection before answering; connect and request
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import httptools
 
-from shared import local
-from shared.balancing import Backend, Balancer
-from shared.errors import error_response
-from shared.telemetry import AccessLog, RelayMetrics
+from shared.mesh import local
+from shared.mesh.balancing import Backend, Balancer
+from shared.kit.errors import error_response
+from shared.mesh.telemetry import AccessLog, RelayMetrics
 
 MAX_HEAD = 64 * 1024  # larger request heads get 431
 REPLAY_LIMIT = 64 * 1024  # requests up to this size can be replayed on another instance
@@ -63,7 +63,7 @@ class Route:
     connect_timeout: float = 2.0
     request_timeout: float = 30.0
     retries: int = 2
-    # The service honours Idempotency-Key (shared.discovery.honours_idempotency_key):
+    # The service honours Idempotency-Key (shared.mesh.discovery.honours_idempotency_key):
     # a request carrying one may be resent like an idempotent one.
     idempotency_key: bool = False
 

@@ -3,22 +3,34 @@
     {"status": 502, "error": "bad_gateway", "message": "...", "request_id": "..."}
 
 (`details` is added for validation errors.) This module builds it as raw HTTP bytes
-for the relay; the aiohttp middleware for the services builds on `error_body`.
+for the relay; the aiohttp middleware for the services builds on `error_body`. The same
+`Error` Struct is the schema the OpenAPI documents give for every error response.
+
+`ApiError` is the one exception base that maps to HTTP: a handler raises it, and so do
+the kit's own domain errors (an unavailable database, an invalid or unverifiable token),
+which subclass it with their status, message and headers. The request layer
+(shared.kit.web) knows only this base, not the database or the tokens.
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Annotated
 
 import msgspec
 
 
-class ErrorBody(msgspec.Struct, omit_defaults=True):
+class FieldError(msgspec.Struct, kw_only=True):
+    field: Annotated[str, msgspec.Meta(description="Path of the field in the body, e.g. `email` or `tags[2]`")]
+    message: str
+
+
+class Error(msgspec.Struct, omit_defaults=True):
     status: int
-    error: str
+    error: Annotated[str, msgspec.Meta(description="Machine-readable code, e.g. `validation_error`")]
     message: str
     request_id: str = ""
-    details: list[dict] | None = None
+    details: list[FieldError] | None = None
 
 
 _CODES = {
@@ -43,7 +55,7 @@ def code_for(status: int) -> str:
 
 def error_body(status: int, message: str, request_id: str = "", error: str | None = None,
                details: list[dict] | None = None) -> bytes:
-    return msgspec.json.encode(ErrorBody(status, error or code_for(status), message, request_id, details))
+    return msgspec.json.encode(Error(status, error or code_for(status), message, request_id, details))
 
 
 def error_response(status: int, message: str, request_id: str = "", *, close: bool = False,
@@ -64,9 +76,15 @@ def error_response(status: int, message: str, request_id: str = "", *, close: bo
 class ApiError(Exception):
     """Raised by a handler to answer with the error shape: `raise ApiError(409, "email already registered")`.
 
-    The middleware of shared/web.py turns it into a response; `error` defaults to the
-    code of the status (e.g. 409 -> "conflict").
+    The middleware of shared/kit/web.py turns it into a response; `error` defaults to the
+    code of the status (e.g. 409 -> "conflict"). Domain errors that a request may run into
+    subclass it (shared.kit.db.DatabaseUnavailable, shared.kit.tokens.InvalidToken, ...);
+    their `str()` may say more than `message`, for the operator's log only.
     """
+
+    # A failure of ours or of a dependency (5xx) is logged as a warning by the middleware;
+    # a client's mistake (4xx) is not.
+    log_as_warning = False
 
     def __init__(self, status: int, message: str, error: str | None = None,
                  details: list[dict] | None = None, headers: dict[str, str] | None = None) -> None:

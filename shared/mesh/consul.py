@@ -317,20 +317,3 @@ class OutageReporter:
         if self.down:
             self.down = False
             self._log.info(f"Consul reachable again ({self._what})")
-
-
-class RetryDelay:
-    """Capped exponential delays between retries: first, 2*first, ... up to cap."""
-
-    def __init__(self, first: float, cap: float) -> None:
-        self.first = first
-        self.cap = cap
-        self._next = first
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self._next * 2, self.cap)
-        return delay
-
-    def reset(self) -> None:
-        self._next = self.first

@@ -22,7 +22,8 @@ from typing import Any
 
 import consul.aio
 
-from shared.consul import (
+from shared.backoff import Backoff
+from shared.mesh.consul import (
     CHECK_FIELDS_SINCE,
     REQUEST_TIMEOUT,
     ConsulError,
@@ -30,7 +31,6 @@ from shared.consul import (
     LogTarget,
     OutageReporter,
     Reply,
-    RetryDelay,
     agent_version,
     call,
     describe,
@@ -52,7 +52,7 @@ MIN_ROUND_INTERVAL = 0.1
 # How often wait_passing asks the agent.
 HEALTH_POLL_INTERVAL = 0.1
 
-LOGGER = "meshvisor.sidecar.registration"
+LOGGER = "meshvisor.shared.mesh.registration"
 
 
 class Registration:
@@ -166,7 +166,7 @@ class Registration:
         """
         loop = asyncio.get_running_loop()
         outage = OutageReporter(self._log, f"registration of {self.service_id}")
-        retry = RetryDelay(RETRY_FIRST, RETRY_MAX)
+        retry = Backoff(RETRY_FIRST, RETRY_MAX)
         content_hash = ""
         last_round = -1e9
         while True:

@@ -5,7 +5,7 @@ greppable and machine-readable. Secrets never go in a message: callers log ids a
 kinds of errors, not headers, bodies or DSNs.
 
 Inside a service, the request being served is known through context variables set by
-the request middleware (shared/web.py): every line logged while serving it carries its
+the request middleware (shared/kit/web.py): every line logged while serving it carries its
 `request_id`, so one grep follows a request across the gateway, sidecars and apps.
 """
 
@@ -20,7 +20,7 @@ import msgspec
 
 _encode = msgspec.json.Encoder(enc_hook=str).encode  # an odd extra value must not lose the line
 
-# Set per request by shared.web's middleware; each aiohttp request runs in its own task,
+# Set per request by shared.kit.web's middleware; each aiohttp request runs in its own task,
 # so these never leak from one request to another.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 traceparent: contextvars.ContextVar[str] = contextvars.ContextVar("traceparent", default="")

@@ -21,10 +21,8 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from shared import log as logctx
-from shared.db import DatabaseUnavailable
-from shared.errors import ApiError, error_body, validation_details
-from shared.tokens import InvalidToken, VerifierUnavailable
+from shared.kit import log as logctx
+from shared.kit.errors import ApiError, error_body, validation_details
 
 log = logging.getLogger("meshvisor.web")
 
@@ -110,7 +108,9 @@ async def errors(request: web.Request, handler):
         return error_json(request, 400, "the request's path or query is not valid UTF-8 once percent-decoded")
     try:
         return await handler(request)
-    except ApiError as exc:
+    except ApiError as exc:  # a handler's answer, or a domain error (database, tokens) mapped by its class
+        if exc.log_as_warning:  # e.g. PostgreSQL down or restarting: retry later, not a bug
+            log.warning("%s in %s %s: %s", exc.message, request.method, request.path, type(exc).__name__)
         return error_json(request, exc.status, exc.message, exc.error, exc.details, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects and 204s raised as exceptions are answers, not errors
@@ -119,13 +119,6 @@ async def errors(request: web.Request, handler):
         return error_json(request, exc.status, _message_of(request, exc), headers=headers or None)
     except msgspec.ValidationError as exc:  # a handler converting data itself
         return error_json(request, 422, "request validation failed", details=validation_details(exc))
-    except InvalidToken as exc:
-        return error_json(request, 401, exc.reason, headers={"WWW-Authenticate": "Bearer"})
-    except VerifierUnavailable:  # auth's keys cannot be fetched: not the caller's fault
-        return error_json(request, 503, "auth unavailable", headers={"Retry-After": "1"})
-    except DatabaseUnavailable as exc:  # PostgreSQL down or restarting: retry later, not a bug
-        log.warning("database unavailable in %s %s: %s", request.method, request.path, type(exc).__name__)
-        return error_json(request, 503, "database unavailable", headers={"Retry-After": "1"})
     except Exception:
         # The traceback is for the operator; the client learns only that it was our fault.
         log.exception("unhandled error in %s %s", request.method, request.path)

@@ -305,15 +305,18 @@ class OutageReporter:
         self._log = log
         self._what = what
         self.down = False
+        self.problem = ""  # while down: the first failure, described
 
     def failed(self, error: BaseException, consequence: str = "") -> None:
         if self.down:
             return
         self.down = True
+        self.problem = f"{self._what}: {describe(error)}"
         suffix = f"; {consequence}" if consequence else ""
         self._log.warning(f"Consul unavailable ({self._what}): {describe(error)}{suffix}; retrying")
 
     def recovered(self) -> None:
         if self.down:
             self.down = False
+            self.problem = ""
             self._log.info(f"Consul reachable again ({self._what})")

@@ -118,7 +118,7 @@ def next_index(previous: int, returned: int) -> int:
     return max(returned, 1)
 
 
-class _BlockingWatch(Generic[T]):
+class BlockingWatch(Generic[T]):
     """The loop shared by every watch: query, block, apply, retry; subclasses say what."""
 
     def __init__(
@@ -129,8 +129,12 @@ class _BlockingWatch(Generic[T]):
         on_change: Callable[[T], None] | None,
         log: LogTarget,
         what: str,
+        stale: bool = True,
     ) -> None:
         self._client = client
+        # Catalog and health reads may come from any server (spares the leader); the
+        # agent's own cached endpoints (leaf, roots) take no consistency mode.
+        self._stale = stale
         # Consul reads a wait of 0 as its default of 5 minutes; keep it to what was meant.
         self.wait = min(max(wait, MIN_WAIT), MAX_WAIT)
         self._on_change = on_change
@@ -168,6 +172,11 @@ class _BlockingWatch(Generic[T]):
     def rebuilding(self) -> bool:
         """Whether missing entries are being kept, the agent having restarted (see above)."""
         return asyncio.get_running_loop().time() < self._rebuild_until
+
+    @property
+    def problem(self) -> str:
+        """Why the value may be out of date (the last failure while Consul is unavailable), or ""."""
+        return self._outage.problem
 
     @property
     def ready(self) -> bool:
@@ -241,7 +250,7 @@ class _BlockingWatch(Generic[T]):
                 self._notify(changed)
 
     async def _query(self) -> Reply:
-        params = [*self._params(), ("stale", "1")]  # any server may answer: spares the leader
+        params = [*self._params(), *((("stale", "1"),) if self._stale else ())]
         timeout = REQUEST_TIMEOUT
         if self.index > 0:  # never block on index 0: the first answer must come at once
             wait = self.wait
@@ -263,7 +272,7 @@ class _BlockingWatch(Generic[T]):
             self._log.warning(f"on_change of watch {self._what} failed: {describe(exc)}")
 
 
-class ServiceWatch(_BlockingWatch[tuple[Endpoint, ...]]):
+class ServiceWatch(BlockingWatch[tuple[Endpoint, ...]]):
     """The passing instances of one service, kept current.
 
     `endpoints` is the last known set, sorted by id; `on_change(endpoints)` is called when
@@ -307,7 +316,7 @@ class ServiceWatch(_BlockingWatch[tuple[Endpoint, ...]]):
         return f"keeping {len(self.endpoints)} known instance(s) of {self.service}"
 
 
-class CatalogWatch(_BlockingWatch[dict[str, list[str]]]):
+class CatalogWatch(BlockingWatch[dict[str, list[str]]]):
     """The services in the catalog (name -> tags), kept current."""
 
     def __init__(

@@ -183,13 +183,22 @@ def parse_version(text: str) -> Version:
     return int(major), int(minor), int(patch or 0)
 
 
+# The oldest agent this code is written and tested for (Debian bullseye's Consul).
+OLDEST_SUPPORTED: Version = (1, 8, 7)
+
+
 async def agent_version(client: consul.aio.Consul) -> Version:
     """The agent's version (Config.Version of /v1/agent/self), asked once per client."""
     cached = _versions.get(client)
     if cached is None:
         # Not client.agent.self(): py-consul 1.8.0 sends that one without the token.
-        agent = (await call(client, "GET", "/v1/agent/self")).raise_for_status().json()
-        cached = parse_version(agent["Config"]["Version"])
+        reply = await call(client, "GET", "/v1/agent/self")
+        if reply.status == 403:
+            # It needs agent:read, which a service identity's token does not have: take
+            # the oldest agent we support, so only fields every supported agent knows go out.
+            cached = OLDEST_SUPPORTED
+        else:
+            cached = parse_version(reply.raise_for_status().json()["Config"]["Version"])
         _versions[client] = cached
     return cached
 

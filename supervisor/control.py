@@ -4,20 +4,34 @@
   POST /v1/scale    {"counts": {...}}  set instance counts, answer when done
   POST /v1/restart  {"target": "auth" | "auth.2"}  rolling restart, answer when done
   POST /v1/stop                       stop the stack and the supervisor
+
+The server is typed against the small `Controllable` Protocol, not the daemon: the
+daemon imports this module to serve it, and this module imports nothing of the daemon.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
+
+class Controllable(Protocol):
+    """What the control API drives: the running supervisor (the verbs are supervisor/verbs.py)."""
+
+    def status(self) -> dict: ...
+
+    async def scale(self, counts: dict[str, int]) -> list[str]: ...
+
+    async def restart(self, target: str) -> list[str]: ...
+
+    def request_stop(self, reason: str) -> None: ...
+
+    async def refresh_consul_health(self) -> None: ...
 
 
 class ScaleRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -54,7 +68,7 @@ async def _decode(request: web.Request, kind):
         ) from None
 
 
-def build_app(daemon: Daemon) -> web.Application:
+def build_app(daemon: Controllable) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         await daemon.refresh_consul_health()
         return _json(daemon.status())
@@ -82,7 +96,7 @@ def build_app(daemon: Daemon) -> web.Application:
 
 
 class ControlServer:
-    def __init__(self, daemon: Daemon, path: Path) -> None:
+    def __init__(self, daemon: Controllable, path: Path) -> None:
         self.path = path
         self._runner = web.AppRunner(build_app(daemon), access_log=None, handle_signals=False)
 

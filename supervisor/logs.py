@@ -115,3 +115,24 @@ class ProcessLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+class LogFiles:
+    """The supervisor's log files: one per process name under `folder`, opened on first use
+    and kept across restarts of that name, so every run of a process appends to one file."""
+
+    def __init__(self, folder: Path, max_bytes: int, backups: int, printer: Printer | None) -> None:
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.printer = printer
+        self._files: dict[str, RotatingFile] = {}
+
+    def log(self, name: str) -> ProcessLog:
+        if name not in self._files:
+            self._files[name] = RotatingFile(self.folder / f"{name}.log", self.max_bytes, self.backups)
+        return ProcessLog(name, self._files[name], self.printer)
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()

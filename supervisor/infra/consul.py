@@ -6,18 +6,15 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import time
 from pathlib import Path
 
 import aiohttp
 
-from supervisor.config import Config, RestartPolicy
-from supervisor.infra import InfraError
+from shared.mesh.naming import node_name
+from supervisor.config import Config
+from supervisor.infra import InfraError, server_spec
 from supervisor.process import ProcessSpec
-
-# Restarts of the agent: quick first, then patient; a broken agent ends FATAL.
-_POLICY = RestartPolicy(backoff_initial=1.0, backoff_max=30.0, max_retries=8, stable_after=30.0)
 
 
 # Where `make setup` puts the Consul it fetches: .tools/ of this checkout.
@@ -47,7 +44,7 @@ def spec(config: Config, env: dict[str, str]) -> ProcessSpec:
     argv = [
         find_binary(config.root), "agent", "-server", "-bootstrap-expect", "1", "-ui",
         "-data-dir", str(data_dir),
-        "-node", c.node_name or socket.gethostname(),
+        "-node", node_name(c.node_name),
         "-datacenter", c.datacenter,
         "-bind", c.bind,
         "-client", host.strip("[]"),
@@ -60,17 +57,9 @@ def spec(config: Config, env: dict[str, str]) -> ProcessSpec:
     ]
     for address in c.join:
         argv += ["-retry-join", address]
-    return ProcessSpec(
-        name="consul",
-        argv=argv,
-        env=env,
-        cwd=str(config.state_dir),
-        restart=_POLICY,
-        stop_timeout=15.0,
-        stop_signal=signal.SIGTERM,
-        parent_death_signal=signal.SIGTERM,
-        port=int(http_port),
-        ready_check=lambda: has_leader(c.address, c.token),
+    return server_spec(
+        "consul", argv, env, str(config.state_dir), stop_timeout=15.0, stop_signal=signal.SIGTERM,
+        port=int(http_port), ready_check=lambda: has_leader(c.address, c.token),
     )
 
 

@@ -27,12 +27,11 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import asyncpg
 
-from supervisor.config import Config, RestartPolicy
-from supervisor.infra import InfraError
+from supervisor.config import Config
+from supervisor.infra import InfraError, server_spec
 from supervisor.process import ProcessSpec
 
 SUPERUSER = "postgres"
-_POLICY = RestartPolicy(backoff_initial=1.0, backoff_max=30.0, max_retries=8, stable_after=30.0)
 
 
 @dataclass
@@ -150,28 +149,19 @@ async def initdb(lay: Layout, log) -> None:
 
 def spec(config: Config, lay: Layout, env: dict[str, str]) -> ProcessSpec:
     port = config.postgres.port
-    return ProcessSpec(
-        name="postgres",
-        argv=[
-            str(lay.bin_dir / "postgres"),
-            "-D", str(lay.data_dir),
-            "-p", str(port),
-            "-c", "listen_addresses=127.0.0.1",
-            "-c", f"unix_socket_directories={lay.socket_dir}",
-            "-c", "logging_collector=off",
-            "-c", "password_encryption=scram-sha-256",
-        ],
-        env=env,
-        cwd=str(lay.data_dir),
-        restart=_POLICY,
-        stop_timeout=30.0,
-        # SIGINT is PostgreSQL's "fast shutdown": roll back clients, checkpoint, exit.
-        stop_signal=signal.SIGINT,
-        parent_death_signal=signal.SIGINT,
-        user=lay.uid,
-        group=lay.gid,
-        port=port,
-        ready_check=lambda: _accepts(lay.socket_dir, port),
+    argv = [
+        str(lay.bin_dir / "postgres"),
+        "-D", str(lay.data_dir),
+        "-p", str(port),
+        "-c", "listen_addresses=127.0.0.1",
+        "-c", f"unix_socket_directories={lay.socket_dir}",
+        "-c", "logging_collector=off",
+        "-c", "password_encryption=scram-sha-256",
+    ]
+    # SIGINT is PostgreSQL's "fast shutdown": roll back clients, checkpoint, exit.
+    return server_spec(
+        "postgres", argv, env, str(lay.data_dir), stop_timeout=30.0, stop_signal=signal.SIGINT,
+        user=lay.uid, group=lay.gid, port=port, ready_check=lambda: _accepts(lay.socket_dir, port),
     )
 
 

@@ -39,6 +39,9 @@ class InstanceBuilder:
         self.node = node_name(config.consul.node_name)
         # Filled in once PostgreSQL has provisioned the services' databases.
         self.database_urls: dict[str, str] = {}
+        # Each service's own Consul token (ServiceIdentity), once ACLs are bootstrapped;
+        # without them, every process that talks to Consul gets [consul] token.
+        self.service_tokens: dict[str, str] = {}
 
     def make_process(self, spec: ProcessSpec) -> Process:
         """A process logging to its own file, its pid recorded for a successor that
@@ -56,9 +59,14 @@ class InstanceBuilder:
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "/usr/bin:/bin")
         env["PYTHONUNBUFFERED"] = "1"
         env["CONSUL_HTTP_ADDR"] = self.config.consul.address
-        if self.config.consul.token:
-            env["CONSUL_HTTP_TOKEN"] = self.config.consul.token
+        # No token by default: only the processes that talk to Consul get one, their own
+        # (consul_token); an app does not, and nor does a server the supervisor runs.
+        env.pop("CONSUL_HTTP_TOKEN", None)
         return env
+
+    def consul_token(self, service: Service) -> str:
+        """The token `service`'s sidecar (or the app itself, without one) uses with Consul."""
+        return self.service_tokens.get(service.name) or self.config.consul.token
 
     def instance_env(self, service: Service, index: int, port: int) -> dict[str, str]:
         env = self.base_env()
@@ -96,8 +104,10 @@ class InstanceBuilder:
                 ports = InstancePorts(public=port, app=port, admin=admin, taken=taken)
                 env = self.instance_env(service, index, port)
                 # An app that registers itself (the gateway) uses this ID, so that status
-                # can show its Consul health like a sidecar's.
+                # can show its Consul health like a sidecar's, and its service's token.
                 env["SERVICE_ID"] = sid
+                if token := self.consul_token(service):
+                    env["CONSUL_HTTP_TOKEN"] = token
                 if admin is not None:  # instances share `port`; each answers on its own too
                     env.update(ADMIN_PORT=str(admin), REUSE_PORT="1")
                 spec = app_spec(service, index, port, env, cwd, ready_port=admin)
@@ -117,7 +127,10 @@ class InstanceBuilder:
         if app_socket:
             env["APP_SOCKET"] = app_socket
         app = self.make_process(app_spec(service, index, ports.app, env, cwd))
-        sidecar = self.make_process(sidecar_spec(service, index, ports, sid, self.base_env(), cwd,
+        sidecar_env = self.base_env()
+        if token := self.consul_token(service):
+            sidecar_env["CONSUL_HTTP_TOKEN"] = token
+        sidecar = self.make_process(sidecar_spec(service, index, ports, sid, sidecar_env, cwd,
                                                  app_socket=app_socket))
         return Instance(service, index, ports, [app, sidecar], sid)
 

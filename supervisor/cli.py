@@ -238,6 +238,72 @@ def logs(ctx: click.Context, target: str | None, follow: bool, lines: int) -> No
         pass
 
 
+def _consul_token(cfg: config_mod.Config) -> str:
+    """The supervisor's Consul token: the management token of the embedded agent's ACLs,
+    else [consul] token."""
+    if cfg.consul.mode == "embedded" and cfg.consul.acl:
+        from supervisor.infra.acl import Secrets
+
+        secrets = Secrets(cfg.state_dir)
+        if not secrets.has_management_token():
+            raise click.ClickException(f"no management token in {secrets.dir}: the stack has not started "
+                                       "here yet (supervisor start makes it)")
+        try:
+            return secrets.management_token()
+        except PermissionError:
+            raise click.ClickException(f"{secrets.dir} is readable by its owner only") from None
+    return cfg.consul.token
+
+
+@main.command()
+@click.pass_context
+def token(ctx: click.Context) -> None:
+    """Print the Consul management token (for the UI's login and the consul CLI)."""
+    cfg = _load(ctx)
+    value = _consul_token(cfg)
+    if not value:
+        raise click.ClickException("Consul runs without ACLs here: no token is needed")
+    click.echo(value)
+
+
+@main.command()
+@click.argument("change", nargs=-1)
+@click.pass_context
+def intentions(ctx: click.Context, change: tuple[str, ...]) -> None:
+    """List who may call whom; `intentions allow|deny SOURCE DESTINATION` changes one.
+
+    SOURCE and DESTINATION are service names or * (every service); an exact name wins
+    over *. A change reaches open connections within about 2 s.
+    """
+    cfg = _load(ctx)
+    if change and (len(change) != 3 or change[0] not in ("allow", "deny")):
+        raise click.UsageError("intentions [allow|deny SOURCE DESTINATION]")
+    token_value = _consul_token(cfg)
+    click.echo(asyncio.run(_intentions(cfg.consul.address, token_value, change)), nl=False)
+
+
+async def _intentions(address: str, token_value: str, change: tuple[str, ...]) -> str:
+    from shared.mesh.consul import ConsulError, make_client
+    from shared.mesh.intentions import list_intentions, upsert
+
+    client = make_client(address, token_value)
+    try:
+        if change:
+            action, source, destination = change
+            _, changed = await upsert(client, source, destination, action, description="set with supervisor intentions")
+            return f"{source} -> {destination}: {action}{'' if changed else ' (already so)'}\n"
+        rows = [("SOURCE", "DESTINATION", "ACTION", "DESCRIPTION")]
+        rows += [(i.source, i.destination, i.action, i.description) for i in await list_intentions(client)]
+        widths = [max(len(r[c]) for r in rows) for c in range(3)]
+        return "".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}\n" for r in rows)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except (ConsulError, OSError) as exc:
+        raise click.ClickException(f"Consul at {address}: {exc}") from None
+    finally:
+        await client.close()
+
+
 def _tail(path: Path, count: int) -> list[str]:
     try:
         return path.read_text(errors="replace").splitlines()[-count:]

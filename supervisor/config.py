@@ -87,6 +87,18 @@ class ConsulSettings(_Strict):
     serf_wan_port: int = 8302
     dns_port: int = -1  # -1 disables the agent's DNS interface
     start_timeout: float = 60.0
+    # ACLs with default deny (supervisor/infra/acl.py). Embedded (default on): the
+    # supervisor bootstraps them and keeps the management token in the state dir.
+    # External (default off: the cluster's own choice): `token` must be allowed to make
+    # the services' tokens and the intentions (see the README).
+    acl: bool | None = None
+
+
+class MeshSettings(_Strict):
+    # mTLS with Connect identities on every hop the mesh owns (gateway -> sidecar,
+    # sidecar -> sidecar) and intentions deciding who may call whom. false: plain HTTP
+    # between mesh members, kept only to measure what mTLS costs.
+    mtls: bool = True
 
 
 class PostgresSettings(_Strict):
@@ -139,6 +151,7 @@ class FileSettings(_Strict):
     supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
     restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
     consul: ConsulSettings = msgspec.field(default_factory=ConsulSettings)
+    mesh: MeshSettings = msgspec.field(default_factory=MeshSettings)
     postgres: PostgresSettings = msgspec.field(default_factory=PostgresSettings)
     services: dict[str, ServiceSettings] = msgspec.field(default_factory=dict)
 
@@ -175,6 +188,7 @@ class Config(msgspec.Struct, kw_only=True):
     state_dir: Path
     supervisor: SupervisorSettings
     consul: ConsulSettings
+    mesh: MeshSettings
     postgres: PostgresSettings
     services: dict[str, Service]
 
@@ -207,6 +221,8 @@ def load(config_path: str | os.PathLike[str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{shown}: not valid TOML: {exc}") from None
     settings = _convert_file(raw, shown)
+    if settings.consul.acl is None:
+        settings.consul.acl = settings.consul.mode == "embedded"
 
     procfile_path = root / PROCFILE
     try:
@@ -223,6 +239,7 @@ def load(config_path: str | os.PathLike[str] | None = None) -> Config:
         state_dir=state_dir,
         supervisor=settings.supervisor,
         consul=settings.consul,
+        mesh=settings.mesh,
         postgres=settings.postgres,
         services={
             name: _resolve_service(name, commands[name], svc, settings)

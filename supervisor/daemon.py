@@ -1,8 +1,9 @@
 """The running supervisor: brings the stack up in order, serves the control API, takes it down.
 
-Order up: Consul (until it has a leader), PostgreSQL (until it accepts logins, then one
-database and role per service), then every instance of every service. Down: services
-first, infrastructure last.
+Order up: Consul (until it has a leader, and with ACLs until the management token
+works), the mesh's tokens and intentions (supervisor/infra/connect.py), PostgreSQL (until
+it accepts logins, then one database and role per service), then every instance of every
+service. Down: services first, infrastructure last.
 
 This module is the run's lifecycle only: what an instance is given is the builder's
 (supervisor/builder.py), the figures `status` shows are the sampler's
@@ -21,7 +22,9 @@ from supervisor import state, verbs
 from supervisor.builder import InstanceBuilder
 from supervisor.config import Config
 from supervisor.control import ControlServer
-from supervisor.infra import InfraError
+from shared.mesh.consul import ConsulError, make_client
+from supervisor.infra import InfraError, acl
+from supervisor.infra import connect as connect_infra
 from supervisor.infra import consul as consul_infra
 from supervisor.infra import postgres as postgres_infra
 from supervisor.logs import LogFiles, Printer
@@ -123,12 +126,16 @@ class Daemon:
 
     async def _bring_up(self) -> None:
         env = self.builder.base_env()
-        if self.config.consul.mode == "embedded":
-            await self._start_infra(consul_infra.spec(self.config, env), self.config.consul.start_timeout)
+        consul = self.config.consul
+        if consul.mode == "embedded":
+            if consul.acl:
+                # The supervisor's own token from now on (status, intentions): the
+                # management token, made on the first start, kept in the state dir.
+                consul.token = acl.Secrets(self.state_dir).management_token()
+            await self._start_infra(consul_infra.spec(self.config, env, consul.token), consul.start_timeout)
         else:
-            await consul_infra.wait_for_external(
-                self.config.consul.address, self.config.consul.token, self.config.consul.start_timeout
-            )
+            await consul_infra.wait_for_external(consul.address, consul.token, consul.start_timeout)
+        await self._prepare_mesh()
         needs_db = any(s.database and not s.database_url for s in self.config.services.values())
         layout = None
         if self.config.postgres.mode == "embedded" and needs_db:
@@ -148,6 +155,19 @@ class Daemon:
             name: self.scale_memory.count(name, group.service.instances) for name, group in self.groups.items()
         }
         self.startup_problems += await verbs.scale_groups(self.groups, counts)
+
+    async def _prepare_mesh(self) -> None:
+        """Tokens for the services and the intentions the config implies (see connect.py)."""
+        client = make_client(self.config.consul.address, self.config.consul.token)
+        try:
+            tokens, written = await connect_infra.prepare(client, self.config)
+        except (ConsulError, OSError, asyncio.TimeoutError) as exc:
+            raise InfraError(f"preparing Consul (ACL tokens, intentions) failed: {exc}") from None
+        finally:
+            await client.close()
+        self.builder.service_tokens = tokens
+        if written:
+            self.say("intentions written: " + ", ".join(written))
 
     async def _start_infra(self, spec: ProcessSpec, timeout: float) -> None:
         proc = self.builder.make_process(spec)

@@ -1,8 +1,8 @@
 """Consul ACLs for the embedded agent: who may register, fetch certificates, write intentions.
 
-The agent runs with `default_policy = "deny"`. The supervisor holds the management token
-(generated on first start, given to the agent as `acl.tokens.master` in its config file,
-kept in `<state>/secrets/`, mode 0600) and on every start makes sure that:
+The embedded agent runs with `default_policy = "deny"`. The supervisor holds the
+management token (generated on first start, given to the agent as `acl.tokens.master` in
+its config file, kept in `<state>/secrets/`, mode 0600) and on every start makes sure that:
 
 - an agent token exists (node:write, service:read) and the agent uses it;
 - the anonymous token may read services and nodes only: the Consul UI and `curl` show
@@ -12,6 +12,9 @@ kept in `<state>/secrets/`, mode 0600) and on every start makes sure that:
   `<name>-sidecar-proxy`, read on every service and node: discovery and intentions), which
   the supervisor hands to that service's processes in the environment, never on a command
   line and never in a log.
+
+With an external Consul the agent and the anonymous token are its operators' business:
+only the services' tokens are made, with `[consul] token` (which needs acl = "write").
 
 Tokens are kept (accessor and secret) in `<state>/secrets/tokens.json` (0600). If Consul
 lost them (its data dir was removed), they are created again with the same IDs, so
@@ -107,17 +110,20 @@ async def _ensure_token(client: consul.aio.Consul, kept: dict[str, str] | None, 
     return {"AccessorID": token["AccessorID"], "SecretID": token["SecretID"]}
 
 
-async def bootstrap(client: consul.aio.Consul, services: list[str], secrets: Secrets) -> dict[str, str]:
-    """Policies, the agent's and the anonymous token, one token per service (see the module
-    doc); `client` carries the management token. Returns {service: its token's secret}."""
-    listed = (await call(client, "GET", "/v1/acl/policies")).raise_for_status().json()
-    existing = {p["Name"]: p["ID"] for p in listed}
-    for name, rules in POLICIES.items():
-        await _ensure_policy(client, name, rules, existing)
+async def bootstrap(client: consul.aio.Consul, services: list[str], secrets: Secrets, *,
+                    agent: bool = True) -> dict[str, str]:
+    """Tokens of the services (see the module doc) and, with `agent` (the embedded agent,
+    which the supervisor owns), the policies, the agent's token and the anonymous token's
+    rights; `client` carries a token allowed to write ACLs. Returns {service: secret}."""
+    if agent:
+        listed = (await call(client, "GET", "/v1/acl/policies")).raise_for_status().json()
+        existing = {p["Name"]: p["ID"] for p in listed}
+        for name, rules in POLICIES.items():
+            await _ensure_policy(client, name, rules, existing)
     kept = secrets.tokens()
-    wanted: dict[str, dict] = {
-        "agent": {"Description": "meshvisor: the Consul agent", "Policies": [{"Name": AGENT_POLICY}]},
-    }
+    wanted: dict[str, dict] = {}
+    if agent:
+        wanted["agent"] = {"Description": "meshvisor: the Consul agent", "Policies": [{"Name": AGENT_POLICY}]}
     for name in services:
         wanted[f"service:{name}"] = {"Description": f"meshvisor: service {name}",
                                      "ServiceIdentities": [{"ServiceName": name}]}
@@ -125,9 +131,10 @@ async def bootstrap(client: consul.aio.Consul, services: list[str], secrets: Sec
     tokens.update({key: value for key, value in kept.items() if key not in tokens})  # a removed service's, kept
     if tokens != kept:
         secrets.save_tokens(tokens)
-    (await call(client, "PUT", "/v1/agent/token/agent", payload={"Token": tokens["agent"]["SecretID"]})
-     ).raise_for_status()
-    anonymous = {"Description": "Anonymous: reads services and nodes (meshvisor)",
-                 "Policies": [{"Name": ANONYMOUS_POLICY}]}
-    (await call(client, "PUT", f"/v1/acl/token/{ANONYMOUS_ACCESSOR}", payload=anonymous)).raise_for_status()
+    if agent:
+        (await call(client, "PUT", "/v1/agent/token/agent", payload={"Token": tokens["agent"]["SecretID"]})
+         ).raise_for_status()
+        anonymous = {"Description": "Anonymous: reads services and nodes (meshvisor)",
+                     "Policies": [{"Name": ANONYMOUS_POLICY}]}
+        (await call(client, "PUT", f"/v1/acl/token/{ANONYMOUS_ACCESSOR}", payload=anonymous)).raise_for_status()
     return {name: tokens[f"service:{name}"]["SecretID"] for name in services}

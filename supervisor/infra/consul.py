@@ -1,8 +1,14 @@
-"""The embedded Consul agent: a single-node server with the UI, data under the state dir."""
+"""The embedded Consul agent: a single-node server with the UI, data under the state dir.
+
+What must not show in `ps` (the ACL management token) and what the command line cannot
+say (ACLs, Connect, Raft timing) goes in a config file the supervisor writes into the
+agent's data dir, mode 0600, read with -config-file.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -36,14 +42,44 @@ def find_binary(root: Path) -> str:
     raise InfraError("no consul binary: run `make setup` (fetches Consul into .tools/) or put consul on PATH")
 
 
-def spec(config: Config, env: dict[str, str]) -> ProcessSpec:
+def agent_settings(config: Config, management_token: str) -> dict:
+    """The agent's config file: Connect always (the mesh's CA), ACLs when configured."""
+    settings: dict = {
+        "primary_datacenter": config.consul.datacenter,
+        "connect": {"enabled": True},
+        # One server elects itself: Raft's production timing (multiplier 5) only makes
+        # it wait ~8 s for peers it does not have. 1 is Consul's own advice for servers
+        # that are not starved of CPU.
+        "performance": {"raft_multiplier": 1},
+    }
+    if config.consul.acl:
+        settings["acl"] = {
+            "enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
+            "enable_token_persistence": True, "tokens": {"master": management_token},
+        }
+    return settings
+
+
+def write_agent_settings(path: Path, settings: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        json.dump(settings, file, indent=1)
+    os.replace(tmp, path)
+
+
+def spec(config: Config, env: dict[str, str], management_token: str = "") -> ProcessSpec:
     c = config.consul
     host, _, http_port = c.address.rpartition(":")
     data_dir = config.state_dir / "consul"
     data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    settings_file = data_dir / "meshvisor-agent.json"
+    write_agent_settings(settings_file, agent_settings(config, management_token))
     argv = [
         find_binary(config.root), "agent", "-server", "-bootstrap-expect", "1", "-ui",
         "-data-dir", str(data_dir),
+        "-config-file", str(settings_file),
         "-node", node_name(c.node_name),
         "-datacenter", c.datacenter,
         "-bind", c.bind,
@@ -59,8 +95,21 @@ def spec(config: Config, env: dict[str, str]) -> ProcessSpec:
         argv += ["-retry-join", address]
     return server_spec(
         "consul", argv, env, str(config.state_dir), stop_timeout=15.0, stop_signal=signal.SIGTERM,
-        port=int(http_port), ready_check=lambda: has_leader(c.address, c.token),
+        port=int(http_port), ready_check=lambda: ready(c.address, management_token),
     )
+
+
+async def ready(address: str, management_token: str = "") -> bool:
+    """A leader, and with ACLs the management token known (the leader makes it after
+    its election: a moment later)."""
+    if not await has_leader(address):
+        return False
+    if not management_token:
+        return True
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2),
+                                     headers={"X-Consul-Token": management_token}) as session:
+        async with session.get(f"http://{address}/v1/acl/token/self") as resp:
+            return resp.status == 200
 
 
 async def has_leader(address: str, token: str = "") -> bool:

@@ -105,6 +105,41 @@ def consul_dev_agent(procs: Processes) -> str:
     raise RuntimeError("consul dev agent did not get a leader")
 
 
+def connect_proxy_pair(procs: Processes, consul: str, app_port: int) -> tuple[int, list[int]]:
+    """Consul Connect's own built-in proxies in front of the app on `app_port`, from the
+    same consul binary: `connect proxy -sidecar-for` (the inbound side, mTLS, public
+    listener on loopback) and `connect proxy -upstream` (the caller's side). Returns the
+    caller's local listener port and both proxies' pids. Also mTLS with Connect leaves."""
+    from supervisor.infra.consul import find_binary
+
+    public, upstream = free_port(), free_port()
+    registration = {
+        "Name": "benchconnect", "ID": "benchconnect-1", "Address": "127.0.0.1", "Port": app_port,
+        "Connect": {"SidecarService": {"Port": public, "Proxy": {"Config": {"bind_address": "127.0.0.1"}},
+                                       # the proxy's default checks pass only after their first
+                                       # 10 s interval: none here, it is benchmarked, not watched
+                                       "Checks": [{"Name": "alive", "TTL": "1h", "Status": "passing"}]}},
+    }
+    request = urllib.request.Request(f"http://{consul}/v1/agent/service/register",
+                                     data=json_bytes(registration), method="PUT")
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+    env = {"CONSUL_HTTP_ADDR": consul}
+    inbound = procs.start([find_binary(ROOT), "connect", "proxy", "-sidecar-for", "benchconnect-1",
+                           "-log-level", "warn"], env, name="connect-proxy-inbound")
+    outbound = procs.start([find_binary(ROOT), "connect", "proxy", "-service", "benchcaller",
+                            "-upstream", f"benchconnect:{upstream}", "-log-level", "warn"], env,
+                           name="connect-proxy-upstream")
+    wait_http(f"http://127.0.0.1:{upstream}/")
+    return upstream, [inbound.pid, outbound.pid]
+
+
+def json_bytes(value) -> bytes:
+    import json
+
+    return json.dumps(value).encode()
+
+
 def bench_app(procs: Processes) -> tuple[int, str]:
     """Starts bench/app.py; its port and Unix socket (it listens on both, as a service
     with app_socket = true does: its sidecar is given the socket as APP_SOCKET)."""

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from aiohttp import web
 
 from services.gateway.openapi import OpenApiMerger
 from services.gateway.routes import RouteTable, match
+from services.gateway.settings import GatewaySettings
 from shared.kit.app import SERVER_LIMITS
 from shared.mesh.balancing import Balancer
 from shared.mesh.consul import make_client
@@ -62,34 +61,8 @@ SWAGGER_INITIALIZER = """window.onload = function () {
 """
 
 
-class Settings:
-    def __init__(self, env: dict[str, str] | None = None) -> None:
-        env = os.environ if env is None else env
-        self.host = env.get("HOST", "127.0.0.1")
-        self.port = int(env.get("PORT", "3000"))
-        self.admin_port = int(env.get("ADMIN_PORT", "0"))
-        self.reuse_port = env.get("REUSE_PORT") == "1"
-        self.service = env.get("SERVICE_NAME", "gateway")
-        self.index = int(env.get("INSTANCE_INDEX", "1"))
-        self.consul_address = env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
-        self.consul_token = env.get("CONSUL_HTTP_TOKEN", "")
-        self.register = env.get("GATEWAY_REGISTER", "1") != "0"
-        self.max_body = int(env.get("GATEWAY_MAX_BODY", str(10 * 1024 * 1024)))
-        self.connect_timeout = float(env.get("GATEWAY_CONNECT_TIMEOUT", "2"))
-        self.request_timeout = float(env.get("GATEWAY_REQUEST_TIMEOUT", "30"))
-        self.retries = int(env.get("GATEWAY_RETRIES", "2"))
-        self.access_log = env.get("GATEWAY_ACCESS_LOG", "1") != "0"
-        self.drain_seconds = float(env.get("GATEWAY_DRAIN_SECONDS", "1"))
-        node = env.get("CONSUL_NODE") or socket.gethostname()
-        self.service_id = env.get("SERVICE_ID") or f"{self.service}-{node}-{self.index}"
-
-    @property
-    def instance(self) -> str:
-        return f"{self.service}.{self.index}"
-
-
 class Gateway:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: GatewaySettings) -> None:
         self.s = settings
         self.metrics = RelayMetrics("gateway")
         self.access_log = AccessLog(settings.service, settings.instance) if settings.access_log else None

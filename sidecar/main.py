@@ -24,6 +24,7 @@ from aiohttp import web
 from shared.mesh import local
 from shared.mesh.balancing import Balancer
 from shared.mesh.consul import make_client
+from shared.mesh.meta import InstanceMeta
 from shared.mesh.discovery import Endpoint, ServiceWatch, route_to
 from shared.mesh.relay import Relay, RelaySettings, Route
 from shared.mesh.telemetry import AccessLog, RelayMetrics
@@ -53,17 +54,11 @@ class Sidecar:
 
     def _meta(self) -> dict[str, str]:
         s = self.s
-        meta = {"instance": str(s.index), "version": s.version, "health": s.health}
-        if s.route:
-            meta["route"] = s.route
-        if s.openapi:
-            meta["openapi"] = s.openapi
-        if s.idempotency_key:
-            meta["idempotency_key"] = "true"
-        if self.unix_socket:
-            meta[local.META_SOCKET] = self.unix_socket
-            meta[local.META_HOST] = local.host_id()
-        return meta
+        return InstanceMeta(
+            instance=s.index, version=s.version, health=s.health, route=s.route, openapi=s.openapi,
+            idempotency_key=s.idempotency_key, unix_socket=self.unix_socket,
+            host_id=local.host_id() if self.unix_socket else "",
+        ).to_meta()
 
     # -- start ---------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from services.gateway.settings import GatewaySettings
 from shared.kit.app import SERVER_LIMITS
 from shared.mesh.balancing import Balancer
 from shared.mesh.consul import make_client
+from shared.mesh.meta import InstanceMeta
 from shared.mesh.relay import Relay, RelaySettings, Route
 from shared.mesh.telemetry import AccessLog, RelayMetrics
 from shared.kit.web import errors, request_context
@@ -112,7 +113,7 @@ class Gateway:
         if s.register:
             registration = Registration(
                 self.consul, service_id=s.service_id, name=s.service, address=s.host if s.host != "0.0.0.0"
-                else "127.0.0.1", port=s.port, meta={"instance": str(s.index), "role": "gateway"},
+                else "127.0.0.1", port=s.port, meta=InstanceMeta(instance=s.index, role="gateway").to_meta(),
                 check_url=f"http://127.0.0.1:{own}/health", log=log,
             )
             await registration.register("passing")

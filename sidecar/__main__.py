@@ -5,12 +5,12 @@ import uvloop
 from shared.kit import log
 from shared.kit.startup import exit_cleanly_if_it_cannot_listen
 from sidecar.main import Sidecar
-from sidecar.settings import SettingsError, from_env
+from sidecar.settings import SettingsError, SidecarSettings
 
 
 def main() -> None:
     try:
-        settings = from_env()
+        settings = SidecarSettings.from_env()
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)

@@ -9,6 +9,9 @@
           next check interval.
   stop:   on SIGTERM deregister first, keep serving for the drain period so every
           watcher sees the change, then finish in-flight requests and exit.
+
+Listening, registering and the way down are the gateway's too (shared.mesh.endpoint);
+the app probe and SIGUSR1 are the sidecar's own.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ from aiohttp import web
 
 from shared.mesh import local
 from shared.mesh.balancing import Balancer
-from shared.mesh.consul import make_client
 from shared.mesh.discovery import Endpoint, ServiceWatch, route_to
+from shared.mesh.endpoint import MeshEndpoint
+from shared.mesh.meta import InstanceMeta
 from shared.mesh.relay import Relay, RelaySettings, Route
 from shared.mesh.telemetry import AccessLog, RelayMetrics
-from shared.mesh.registration import Registration
 from sidecar.settings import SidecarSettings
 
 log = logging.getLogger("meshvisor.sidecar")
@@ -40,74 +43,54 @@ class Sidecar:
         self.s = settings
         self.metrics = RelayMetrics("sidecar")
         self.access_log = AccessLog(settings.service, settings.instance) if settings.access_log else None
-        self.relays: list[Relay] = []
-        self.servers: list[asyncio.AbstractServer] = []
         self.watches: dict[str, ServiceWatch] = {}
         self.balancers: dict[str, Balancer] = {}
         self.app_healthy = False
         self.unix_socket = ""  # the announced name, once listening on it (shared.mesh.local)
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
-        self._admin: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
 
     def _meta(self) -> dict[str, str]:
         s = self.s
-        meta = {"instance": str(s.index), "version": s.version, "health": s.health}
-        if s.route:
-            meta["route"] = s.route
-        if s.openapi:
-            meta["openapi"] = s.openapi
-        if s.idempotency_key:
-            meta["idempotency_key"] = "true"
-        if self.unix_socket:
-            meta[local.META_SOCKET] = self.unix_socket
-            meta[local.META_HOST] = local.host_id()
-        return meta
+        return InstanceMeta(
+            instance=s.index, version=s.version, health=s.health, route=s.route, openapi=s.openapi,
+            idempotency_key=s.idempotency_key, unix_socket=self.unix_socket,
+            host_id=local.host_id() if self.unix_socket else "",
+        ).to_meta()
 
     # -- start ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        s = self.s
+        # Listeners, registration and the way down: shared with the gateway.
+        self.endpoint = MeshEndpoint(s.consul_address, s.consul_token, drain_seconds=s.drain_seconds, log=log,
+                                     access_log=self.access_log)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGUSR1, self._app_died)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
-        s = self.s
-        self.consul = make_client(s.consul_address, s.consul_token)  # needs the running loop
-        self.registration = Registration(
-            self.consul,
-            service_id=s.service_id,
-            name=s.service,
-            address=s.host,
-            port=s.port,
-            meta=self._meta(),
-            check_url=f"http://{s.host}:{s.port}{s.health}",
-            check_interval=s.check_interval,
-            check_timeout=s.check_timeout,
-            deregister_after=s.deregister_after,
-            log=log,
-        )
-        try:
+        self.endpoint.at_close(self._session.close)
+        async with self.endpoint:
             await self._start_admin()
             await self._start_inbound()
-            self.registration.meta = self._meta()  # now with the socket, if one is listening
+            # Announced once listening, with the socket if one is.
+            self.endpoint.announce(
+                service_id=s.service_id,
+                name=s.service,
+                address=s.host,
+                port=s.port,
+                meta=self._meta(),
+                check_url=f"http://{s.host}:{s.port}{s.health}",
+                check_interval=s.check_interval,
+                check_timeout=s.check_timeout,
+                deregister_after=s.deregister_after,
+            )
             await self._start_upstreams()
             log.info("listening", extra={"fields": {
-                "public": f"{self.s.host}:{self.s.port}", "unix_socket": self.unix_socket or None,
-                "app": f"127.0.0.1:{self.s.app_port}", "app_socket": self.s.app_socket or None,
-                "upstreams": self.s.upstreams, "admin": self.s.admin_port}})
-            registered = asyncio.create_task(self._register_when_app_ready())
-            stopped = asyncio.create_task(self._stop.wait())
-            await asyncio.wait({registered, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not registered.done():
-                registered.cancel()
-            else:
-                self._tasks.append(asyncio.create_task(self.registration.run_anti_entropy()))
-                self._tasks.append(asyncio.create_task(self._watch_app()))
-                await stopped
-        finally:
-            await self._shutdown()
+                "public": f"{s.host}:{s.port}", "unix_socket": self.unix_socket or None,
+                "app": f"127.0.0.1:{s.app_port}", "app_socket": s.app_socket or None,
+                "upstreams": s.upstreams, "admin": s.admin_port}})
+            await self.endpoint.serve_until(self._stop, first=self._register_when_app_ready())
 
     async def _start_admin(self) -> None:
         app = web.Application()
@@ -116,6 +99,7 @@ class Sidecar:
         app.router.add_get("/status", self._status)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
+        self.endpoint.at_close(self._admin.cleanup)
         await web.TCPSite(self._admin, "127.0.0.1", self.s.admin_port).start()
 
     async def _start_inbound(self) -> None:
@@ -127,11 +111,11 @@ class Sidecar:
         route = Route("inbound", app, connect_timeout=self.s.connect_timeout,
                       request_timeout=self.s.request_timeout, retries=1, idempotency_key=self.s.idempotency_key)
         relay = Relay(RelaySettings("inbound"), lambda method, target: route, self.metrics, self.access_log)
-        await self._listen(relay, self.s.host, self.s.port, reuse_port=self.s.reuse_port)
+        await self.endpoint.listen(relay, self.s.host, self.s.port, reuse_port=self.s.reuse_port)
         if self.s.unix_socket and local.host_id():
             name = local.socket_name(self.s.service_id, self.s.port)
             try:
-                self.servers.append(await local.listen(relay.protocol, name))
+                await self.endpoint.listen_local(relay, name)
                 self.unix_socket = name
             except OSError as exc:  # e.g. taken: the TCP port serves everyone alike
                 log.warning("cannot listen on the Unix socket; TCP only", extra={"fields": {
@@ -150,19 +134,13 @@ class Sidecar:
                 log.info("upstream instances changed", extra={"fields": {
                     "upstream": balancer.name, "instances": [f"{e.address}:{e.port}" for e in endpoints]}})
 
-            watch = ServiceWatch(self.consul, name, on_change=update, log=log)
+            watch = ServiceWatch(self.endpoint.consul, name, on_change=update, log=log)
             self.watches[name] = watch
+            self.endpoint.at_close(watch.stop)
             await watch.start()
             relay = Relay(RelaySettings("upstream"), lambda method, target, route=route: route,
                           self.metrics, self.access_log)
-            await self._listen(relay, "127.0.0.1", port)
-
-    async def _listen(self, relay: Relay, host: str, port: int, reuse_port: bool = False) -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(relay.protocol, host, port, reuse_port=reuse_port or None,
-                                          backlog=1024)
-        self.relays.append(relay)
-        self.servers.append(server)
+            await self.endpoint.listen(relay, "127.0.0.1", port)
 
     async def _register_when_app_ready(self) -> None:
         waited = time.monotonic()
@@ -173,8 +151,13 @@ class Sidecar:
                 said = True
             await asyncio.sleep(0.2)
         self.app_healthy = True
-        await self.registration.register("passing")
-        log.info("registered in Consul", extra={"fields": {"service_id": self.s.service_id}})
+        try:
+            await self.endpoint.register()
+        except Exception as exc:  # the agent is away or refused: its anti-entropy task keeps trying
+            log.warning("could not register in Consul yet", extra={"fields": {"error": str(exc)}})
+        else:
+            log.info("registered in Consul", extra={"fields": {"service_id": self.s.service_id}})
+        self.endpoint.spawn(self._watch_app())
 
     async def _probe_app(self) -> bool:
         try:
@@ -204,8 +187,10 @@ class Sidecar:
         asyncio.get_running_loop().create_task(self._mark_critical())
 
     async def _mark_critical(self) -> None:
+        if self.endpoint.registration is None:  # not announced yet: nothing to take out
+            return
         try:
-            await self.registration.mark_critical()
+            await self.endpoint.registration.mark_critical()
         except Exception as exc:  # the agent may be down; its own check will do it
             log.warning("could not force the check critical", extra={"fields": {"error": str(exc)}})
 
@@ -215,52 +200,19 @@ class Sidecar:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def _ready(self, request: web.Request) -> web.Response:
-        ready = self.registration.registered and self.app_healthy and await self.registration.wait_passing(0)
+        ready = self.endpoint.registered and self.app_healthy and await self.endpoint.registration.wait_passing(0)
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response({
             "service_id": self.s.service_id,
-            "registered": self.registration.registered,
+            "registered": self.endpoint.registered,
             "unix_socket": self.unix_socket or None,
             "app_healthy": self.app_healthy,
-            "inflight": sum(r.inflight for r in self.relays),
+            "inflight": sum(r.inflight for r in self.endpoint.relays),
             "upstreams": {
                 name: [{"address": b.address, "inflight": b.inflight, "ejected": b.ejected_until > time.monotonic()}
                        for b in balancer.backends]
                 for name, balancer in self.balancers.items()
             },
         })
-
-    # -- stop ----------------------------------------------------------------------
-
-    async def _shutdown(self) -> None:
-        started = time.monotonic()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.registration.registered:
-            await self.registration.deregister()
-            log.info("deregistered; draining", extra={"fields": {"drain_seconds": self.s.drain_seconds}})
-            # Watchers (gateway, other sidecars) need a moment to see the deregistration;
-            # until then requests still arrive and are served.
-            await asyncio.sleep(self.s.drain_seconds)
-        for server in self.servers:
-            server.close()
-        for relay in self.relays:
-            relay.start_draining()
-        idle = await asyncio.gather(*(r.wait_idle(10.0) for r in self.relays))
-        for relay in self.relays:
-            relay.close()
-        for watch in self.watches.values():
-            await watch.stop()
-        if self.access_log is not None:
-            self.access_log.flush()
-        if self._admin is not None:
-            await self._admin.cleanup()
-        if self._session is not None:
-            await self._session.close()
-        await self.consul.close()
-        log.info("stopped", extra={"fields": {"seconds": round(time.monotonic() - started, 2),
-                                               "cut_requests": not all(idle)}})
-

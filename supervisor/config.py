@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 
+from sidecar.settings import SidecarSettings
 from supervisor.procfile import ProcfileError, parse_procfile
 
 CONFIG_FILE = "config/meshvisor.toml"
@@ -27,12 +28,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A sidecar's environment that the supervisor sets (supervisor/instance.sidecar_spec, and
 # [consul] for every process): sidecar_env may not name these, since a value there would
 # be either ignored or, for Consul's address, point one service's sidecars elsewhere.
-SIDECAR_ENV_FROM_SUPERVISOR = frozenset({
-    "SERVICE_NAME", "INSTANCE_INDEX", "SERVICE_ID", "SIDECAR_PORT", "APP_PORT", "SIDECAR_ADMIN_PORT",
-    "HEALTH_PATH", "SERVICE_ROUTE", "OPENAPI_PATH", "SERVICE_VERSION", "SERVICE_IDEMPOTENCY_KEY",
-    "SIDECAR_UPSTREAMS", "SIDECAR_DRAIN_SECONDS", "SIDECAR_REUSE_PORT", "APP_SOCKET", "CONSUL_HTTP_ADDR",
-    "CONSUL_HTTP_TOKEN",
-})
+SIDECAR_ENV_FROM_SUPERVISOR = SidecarSettings.env_names(supervisor=True)
 
 
 class ConfigError(Exception):

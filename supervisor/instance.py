@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from sidecar.settings import SidecarSettings
 from supervisor.config import Service
 from supervisor.process import Process, ProcessSpec, State
 
@@ -127,24 +128,18 @@ def app_spec(service: Service, index: int, port: int, env: dict[str, str], cwd: 
 def sidecar_spec(service: Service, index: int, ports: InstancePorts, service_id: str,
                  env: dict[str, str], cwd: str, app_socket: str = "") -> ProcessSpec:
     assert ports.admin is not None
-    env = {**env, **service.sidecar_env}  # config.py refuses sidecar_env naming what follows
-    env.update(
-        SERVICE_NAME=service.name,
-        INSTANCE_INDEX=str(index),
-        SERVICE_ID=service_id,
-        SIDECAR_PORT=str(ports.public),
-        APP_PORT=str(ports.app),
-        APP_SOCKET=app_socket,  # "": the app listens on APP_PORT only
-        SIDECAR_ADMIN_PORT=str(ports.admin),
-        HEALTH_PATH=service.health,
-        SERVICE_ROUTE=service.route,
-        OPENAPI_PATH=service.openapi,
-        SERVICE_VERSION=service.version,
-        SERVICE_IDEMPOTENCY_KEY="1" if service.idempotency_key else "",
-        SIDECAR_UPSTREAMS=",".join(f"{name}={port}" for name, port in ports.upstreams.items()),
-        SIDECAR_DRAIN_SECONDS=str(service.drain_seconds),
-        SIDECAR_REUSE_PORT="1" if service.port else "",
+    settings = SidecarSettings(
+        service=service.name, index=index, service_id=service_id,
+        port=ports.public, app_port=ports.app, admin_port=ports.admin, upstreams=ports.upstreams,
+        app_socket=app_socket,  # "": the app listens on APP_PORT only
+        health=service.health, route=service.route, openapi=service.openapi, version=service.version,
+        idempotency_key=service.idempotency_key, drain_seconds=service.drain_seconds,
+        reuse_port=bool(service.port),
+        **SidecarSettings.read(env, "consul_address", "consul_token"),  # [consul], in every process's env
     )
+    # to_env() writes what the supervisor sets, over sidecar_env (config.py refuses those
+    # names there); the rest of the sidecar's settings are sidecar_env's or their defaults.
+    env = {**env, **service.sidecar_env, **settings.to_env()}
     return ProcessSpec(
         name=f"{service.name}.{index}.sidecar",
         argv=[sys.executable, "-m", "sidecar"],

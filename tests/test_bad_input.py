@@ -43,7 +43,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from services.gateway.app import Settings
+from services.gateway.settings import GatewaySettings
 from shared.kit.app import MAX_BODY, SERVER_LIMITS, create_app
 from shared.kit.openapi import Routes
 from shared.mesh.relay import MAX_HEAD
@@ -53,7 +53,7 @@ from tests.figures import figure
 from tests.helpers import ConsulDevAgent, wait_for
 from tests.stack import app_stack, call, shaped, user
 
-GATEWAY_MAX_BODY = Settings({}).max_body  # 10 MiB unless GATEWAY_MAX_BODY says otherwise
+GATEWAY_MAX_BODY = GatewaySettings.from_env({}).max_body  # 10 MiB unless GATEWAY_MAX_BODY says otherwise
 SERVICE_MAX_BODY = MAX_BODY  # 1 MiB, every service's client_max_size
 RELAY_MAX_HEAD = MAX_HEAD  # 64 KiB: larger request heads get 431 from the gateway
 

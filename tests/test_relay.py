@@ -24,6 +24,7 @@ from aiohttp import web
 
 from shared.mesh import local
 from shared.mesh.balancing import Balancer
+from shared.mesh.meta import InstanceMeta
 from shared.mesh import relay as relay_module
 from shared.mesh.relay import MAX_HEAD, Relay, RelaySettings, Route
 from shared.mesh.telemetry import AccessLog, RelayMetrics
@@ -1735,7 +1736,8 @@ async def tcp_and_unix_backend(name: str):
 
 def announcing(port: int, name: str, host: str | None = None) -> Route:
     """A route to an instance whose Meta announces socket `name` on `host` (default: ours)."""
-    return make_route(port, meta={local.META_SOCKET: name, local.META_HOST: local.host_id() if host is None else host})
+    announced = InstanceMeta(unix_socket=name, host_id=local.host_id() if host is None else host)
+    return make_route(port, meta=announced.to_meta())
 
 
 async def scenario_local_instance_through_its_unix_socket() -> None:

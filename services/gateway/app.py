@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -22,13 +20,14 @@ from aiohttp import web
 
 from services.gateway.openapi import OpenApiMerger
 from services.gateway.routes import RouteTable, match
+from services.gateway.settings import GatewaySettings
 from shared.kit.app import SERVER_LIMITS
 from shared.mesh.balancing import Balancer
-from shared.mesh.consul import make_client
+from shared.mesh.endpoint import MeshEndpoint
+from shared.mesh.meta import InstanceMeta
 from shared.mesh.relay import Relay, RelaySettings, Route
 from shared.mesh.telemetry import AccessLog, RelayMetrics
 from shared.kit.web import errors, request_context
-from shared.mesh.registration import Registration
 
 log = logging.getLogger("meshvisor.gateway")
 
@@ -62,34 +61,8 @@ SWAGGER_INITIALIZER = """window.onload = function () {
 """
 
 
-class Settings:
-    def __init__(self, env: dict[str, str] | None = None) -> None:
-        env = os.environ if env is None else env
-        self.host = env.get("HOST", "127.0.0.1")
-        self.port = int(env.get("PORT", "3000"))
-        self.admin_port = int(env.get("ADMIN_PORT", "0"))
-        self.reuse_port = env.get("REUSE_PORT") == "1"
-        self.service = env.get("SERVICE_NAME", "gateway")
-        self.index = int(env.get("INSTANCE_INDEX", "1"))
-        self.consul_address = env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
-        self.consul_token = env.get("CONSUL_HTTP_TOKEN", "")
-        self.register = env.get("GATEWAY_REGISTER", "1") != "0"
-        self.max_body = int(env.get("GATEWAY_MAX_BODY", str(10 * 1024 * 1024)))
-        self.connect_timeout = float(env.get("GATEWAY_CONNECT_TIMEOUT", "2"))
-        self.request_timeout = float(env.get("GATEWAY_REQUEST_TIMEOUT", "30"))
-        self.retries = int(env.get("GATEWAY_RETRIES", "2"))
-        self.access_log = env.get("GATEWAY_ACCESS_LOG", "1") != "0"
-        self.drain_seconds = float(env.get("GATEWAY_DRAIN_SECONDS", "1"))
-        node = env.get("CONSUL_NODE") or socket.gethostname()
-        self.service_id = env.get("SERVICE_ID") or f"{self.service}-{node}-{self.index}"
-
-    @property
-    def instance(self) -> str:
-        return f"{self.service}.{self.index}"
-
-
 class Gateway:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: GatewaySettings) -> None:
         self.s = settings
         self.metrics = RelayMetrics("gateway")
         self.access_log = AccessLog(settings.service, settings.instance) if settings.access_log else None
@@ -109,55 +82,39 @@ class Gateway:
         return self.table.match(target)
 
     async def run(self) -> None:
+        s = self.s
+        # Listeners, registration and the way down: shared with the sidecars.
+        endpoint = MeshEndpoint(s.consul_address, s.consul_token, drain_seconds=s.drain_seconds, log=log,
+                                access_log=self.access_log)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        s = self.s
-        self.consul = make_client(s.consul_address, s.consul_token)
-        self.openapi = None
-        self.table = RouteTable(self.consul, self._route, on_change=lambda: self.openapi and self.openapi.invalidate())
-        self.openapi = OpenApiMerger(self.table)
-        own = await self._start_own_app()
-        own_route = self._route("gateway", Balancer("gateway", eject_after=1_000_000))
-        own_route.balancer.update([("own", "127.0.0.1", own, {})])
-        self.own_table = [(prefix, own_route) for prefix in OWN_PREFIXES]
-        await self.table.start()
-        relay = Relay(
-            RelaySettings("gateway", forwarded=True, echo_request_id=True, max_body=s.max_body),
-            self.route_for, self.metrics, self.access_log,
-        )
-        try:
-            server = await loop.create_server(relay.protocol, s.host, s.port, reuse_port=s.reuse_port or None,
-                                              backlog=2048)
-        except OSError:  # the port is taken: nothing to serve, close what was opened for it
-            await self.table.stop()
-            await self._own_runner.cleanup()
-            await self.consul.close()
-            raise
-        log.info("gateway listening on %s:%s (own endpoints on 127.0.0.1:%s)", s.host, s.port, own)
-        registration = None
-        if s.register:
-            registration = Registration(
-                self.consul, service_id=s.service_id, name=s.service, address=s.host if s.host != "0.0.0.0"
-                else "127.0.0.1", port=s.port, meta={"instance": str(s.index), "role": "gateway"},
-                check_url=f"http://127.0.0.1:{own}/health", log=log,
+        async with endpoint:
+            self.openapi = None
+            self.table = RouteTable(endpoint.consul, self._route,
+                                    on_change=lambda: self.openapi and self.openapi.invalidate())
+            self.openapi = OpenApiMerger(self.table)
+            own = await self._start_own_app()
+            endpoint.at_close(self._own_runner.cleanup)
+            own_route = self._route("gateway", Balancer("gateway", eject_after=1_000_000))
+            own_route.balancer.update([("own", "127.0.0.1", own, {})])
+            self.own_table = [(prefix, own_route) for prefix in OWN_PREFIXES]
+            endpoint.at_close(self.table.stop)
+            await self.table.start()
+            relay = Relay(
+                RelaySettings("gateway", forwarded=True, echo_request_id=True, max_body=s.max_body),
+                self.route_for, self.metrics, self.access_log,
             )
-            await registration.register("passing")
-            anti_entropy = loop.create_task(registration.run_anti_entropy())
-        await self._stop.wait()
-        if registration is not None:
-            anti_entropy.cancel()
-            await registration.deregister()
-            await asyncio.sleep(s.drain_seconds)  # let other watchers see it
-        server.close()
-        relay.start_draining()
-        await relay.wait_idle(10)
-        relay.close()
-        await self.table.stop()
-        if self.access_log is not None:
-            self.access_log.flush()
-        await self._own_runner.cleanup()
-        await self.consul.close()
+            await endpoint.listen(relay, s.host, s.port, reuse_port=s.reuse_port, backlog=2048)
+            log.info("gateway listening on %s:%s (own endpoints on 127.0.0.1:%s)", s.host, s.port, own)
+            if s.register:
+                endpoint.announce(
+                    service_id=s.service_id, name=s.service, address=s.host if s.host != "0.0.0.0" else "127.0.0.1",
+                    port=s.port, meta=InstanceMeta(instance=s.index, role="gateway").to_meta(),
+                    check_url=f"http://127.0.0.1:{own}/health",
+                )
+                await endpoint.register()
+            await endpoint.serve_until(self._stop)
 
     # -- the gateway's own endpoints -----------------------------------------------------
 

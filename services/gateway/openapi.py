@@ -16,6 +16,7 @@ import time
 import aiohttp
 
 from services.gateway.routes import RouteTable
+from shared.mesh.meta import InstanceMeta
 
 log = logging.getLogger("meshvisor.gateway.openapi")
 
@@ -52,7 +53,7 @@ class OpenApiMerger:
 
     async def _fetch(self, session: aiohttp.ClientSession, service: str) -> None:
         for endpoint in self.table.endpoints.get(service, ()):
-            path = endpoint.meta.get("openapi")
+            path = InstanceMeta.from_meta(endpoint.meta).openapi
             if not path:
                 return
             try:

@@ -17,6 +17,7 @@ import consul.aio
 
 from shared.mesh.balancing import Balancer
 from shared.mesh.discovery import CatalogWatch, Endpoint, ServiceWatch, route_to
+from shared.mesh.meta import InstanceMeta
 from shared.mesh.relay import Route
 
 log = logging.getLogger("meshvisor.gateway.routes")
@@ -99,7 +100,7 @@ class RouteTable:
         if name not in self.watches:  # a last update from a watch of a service that left
             return
         self.endpoints[name] = endpoints
-        routes = Counter(e.meta.get("route", "") for e in endpoints if e.meta.get("route"))
+        routes = Counter(route for e in endpoints if (route := InstanceMeta.from_meta(e.meta).route))
         if routes:
             prefix = routes.most_common(1)[0][0]
             if len(routes) > 1:

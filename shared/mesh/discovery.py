@@ -38,6 +38,7 @@ from shared.mesh.consul import (
     describe,
     duration,
 )
+from shared.mesh.meta import InstanceMeta
 
 # At most one query per this many seconds, even when the index changes all the time
 # (Consul's advice: rate-limit the loop rather than sleep blindly).
@@ -96,7 +97,7 @@ def honours_idempotency_key(endpoints: tuple[Endpoint, ...]) -> bool:
     """Whether every instance says (Meta idempotency_key, set from the service's config)
     that it answers a repeated Idempotency-Key with the first outcome, so a keyed request
     may be resent to another instance. All of them: a retry may land on any."""
-    return bool(endpoints) and all(e.meta.get("idempotency_key") == "true" for e in endpoints)
+    return bool(endpoints) and all(InstanceMeta.from_meta(e.meta).idempotency_key for e in endpoints)
 
 
 def route_to(route: Route, endpoints: tuple[Endpoint, ...]) -> None:

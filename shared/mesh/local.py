@@ -22,8 +22,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 
-META_SOCKET = "unix_socket"  # "@<name>": the abstract socket, "@" standing for the leading NUL
-META_HOST = "host_id"
+from shared.mesh.meta import InstanceMeta
 
 
 @functools.cache
@@ -51,11 +50,11 @@ def _address(name: str) -> str:
 
 def reachable_socket(meta: Mapping[str, str]) -> str | None:
     """The socket address of an instance that runs where we do, from its Meta, else None."""
-    name = meta.get(META_SOCKET)
+    announced = InstanceMeta.from_meta(meta)
     here = host_id()
-    if not name or not name.startswith("@") or not here or meta.get(META_HOST) != here:
+    if not announced.unix_socket.startswith("@") or not here or announced.host_id != here:
         return None
-    return _address(name)
+    return _address(announced.unix_socket)
 
 
 async def listen(protocol_factory: Callable[[], asyncio.Protocol], name: str) -> asyncio.AbstractServer:

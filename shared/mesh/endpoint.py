@@ -1,0 +1,148 @@
+"""The lifecycle of one mesh endpoint, the same for the gateway and every sidecar.
+
+  start:  listen (relays on TCP; a sidecar's inbound relay on its Unix socket too), then
+          register in Consul and keep the registration true (anti-entropy,
+          shared.mesh.registration) until asked to stop.
+  stop:   deregister first and keep serving for `drain_seconds`, so that every watcher
+          (gateways, other sidecars) sees the instance leave before its listeners close;
+          then stop accepting, give the requests in flight up to 10 s, close the relays,
+          close what the process opened beside them (its watches, its admin listener:
+          last opened, first closed), flush the access log and close the Consul client.
+
+Used as `async with MeshEndpoint(...) as endpoint:`, which stops it however the block
+ends (a bind error included). What belongs to one process stays there: the sidecar
+waits for its app before registering and forces the check critical when the app dies;
+the gateway serves its own endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from shared.mesh import local
+from shared.mesh.consul import make_client
+from shared.mesh.registration import Registration
+from shared.mesh.relay import Relay
+from shared.mesh.telemetry import AccessLog
+
+# Once the listeners are closed, how long requests in flight may take to finish.
+FINISH_IN_FLIGHT = 10.0
+
+
+class MeshEndpoint:
+    """Listeners, relays, the Consul registration and background tasks of one process."""
+
+    def __init__(self, consul_address: str, consul_token: str, *, drain_seconds: float, log: logging.Logger,
+                 access_log: AccessLog | None = None) -> None:
+        self.consul = make_client(consul_address, consul_token)  # needs the running loop
+        self.drain_seconds = drain_seconds
+        self.log = log
+        self.access_log = access_log
+        self.servers: list[asyncio.AbstractServer] = []
+        self.relays: list[Relay] = []
+        self.registration: Registration | None = None  # once announce()d
+        self._tasks: list[asyncio.Task] = []
+        self._closing = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> MeshEndpoint:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    @property
+    def registered(self) -> bool:
+        """The agent last confirmed it holds this instance."""
+        return self.registration is not None and self.registration.registered
+
+    # -- start ---------------------------------------------------------------------------
+
+    async def listen(self, relay: Relay, host: str, port: int, *, reuse_port: bool = False,
+                     backlog: int = 1024) -> asyncio.AbstractServer:
+        """Serve `relay` on host:port. OSError if the port cannot be had."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(relay.protocol, host, port, reuse_port=reuse_port or None,
+                                          backlog=backlog)
+        self.relays.append(relay)
+        self.servers.append(server)
+        return server
+
+    async def listen_local(self, relay: Relay, name: str) -> None:
+        """Also serve `relay` (listening already) on the abstract Unix socket `name`
+        (shared.mesh.local). OSError if the name is taken."""
+        self.servers.append(await local.listen(relay.protocol, name))
+
+    def announce(self, **registration: Any) -> Registration:
+        """What register() will register: Registration's arguments but the client and log."""
+        self.registration = Registration(self.consul, log=self.log, **registration)
+        return self.registration
+
+    async def register(self) -> None:
+        """Register passing, and keep it so until shutdown (anti-entropy). Raises if the
+        agent cannot be reached or refuses; the anti-entropy task keeps trying then."""
+        assert self.registration is not None, "announce() first"
+        try:
+            await self.registration.register("passing")
+        finally:
+            self.spawn(self.registration.run_anti_entropy())
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """Run `coro` in the background until shutdown, which cancels it first."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        return task
+
+    def at_close(self, close: Callable[[], Awaitable[Any]]) -> None:
+        """Await `close()` at shutdown once the relays are closed (last added, first run)."""
+        self._closing.push_async_callback(close)
+
+    async def serve_until(self, stop: asyncio.Event, first: Awaitable[Any] | None = None) -> None:
+        """Serve until `stop` is set. `first` (the sidecar's wait for its app, then its
+        registration) runs meanwhile; a stop that comes before it ends cancels it."""
+        stopped = asyncio.ensure_future(stop.wait())
+        started = None if first is None else asyncio.ensure_future(first)
+        try:
+            if started is not None:
+                await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if started.done():
+                    started.result()  # its error, if it failed
+                else:
+                    started.cancel()
+                    await asyncio.wait({started})
+            await stopped
+        finally:
+            for future in (stopped, started):
+                if future is not None:
+                    future.cancel()
+
+    # -- stop ----------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        started = time.monotonic()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.registered:
+            await self.registration.deregister()
+            self.log.info("deregistered; draining", extra={"fields": {"drain_seconds": self.drain_seconds}})
+            # Watchers (gateways, other sidecars) need a moment to see the deregistration;
+            # until then requests still arrive and are served.
+            await asyncio.sleep(self.drain_seconds)
+        for server in self.servers:
+            server.close()
+        for relay in self.relays:
+            relay.start_draining()
+        idle = await asyncio.gather(*(relay.wait_idle(FINISH_IN_FLIGHT) for relay in self.relays))
+        for relay in self.relays:
+            relay.close()
+        await self._closing.aclose()
+        if self.access_log is not None:
+            self.access_log.flush()
+        await self.consul.close()
+        self.log.info("stopped", extra={"fields": {"seconds": round(time.monotonic() - started, 2),
+                                                   "cut_requests": not all(idle)}})

@@ -80,7 +80,11 @@ class Sidecar:
                 address=s.host,
                 port=s.port,
                 meta=self._meta(),
-                check_url=f"http://{s.host}:{s.port}{s.health}",
+                # With mTLS the public port takes no plain HTTP: the check goes through
+                # the admin listener (see _start_admin).
+                check_url=(f"http://127.0.0.1:{self.admin_port}/health" if s.mtls
+                           else f"http://{s.host}:{s.port}{s.health}"),
+                connect_native=s.mtls,
                 check_interval=s.check_interval,
                 check_timeout=s.check_timeout,
                 deregister_after=s.deregister_after,
@@ -97,10 +101,16 @@ class Sidecar:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/status", self._status)
+        # Consul's check, which cannot present a certificate (1.8 HTTP checks), comes in
+        # here: loopback only (the agent is on this host), and it reaches the app's health
+        # path and nothing else.
+        app.router.add_get("/health", self._health)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
         self.endpoint.at_close(self._admin.cleanup)
-        await web.TCPSite(self._admin, "127.0.0.1", self.s.admin_port).start()
+        site = web.TCPSite(self._admin, "127.0.0.1", self.s.admin_port)
+        await site.start()
+        self.admin_port = site._server.sockets[0].getsockname()[1]
 
     async def _start_inbound(self) -> None:
         app = Balancer(self.s.service, eject_after=1_000_000)  # one target: never eject it
@@ -198,6 +208,10 @@ class Sidecar:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _health(self, request: web.Request) -> web.Response:
+        healthy = await self._probe_app()
+        return web.json_response({"app": "passing" if healthy else "critical"}, status=200 if healthy else 503)
 
     async def _ready(self, request: web.Request) -> web.Response:
         ready = self.endpoint.registered and self.app_healthy and await self.endpoint.registration.wait_passing(0)

@@ -59,6 +59,7 @@ class InstanceBuilder:
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "/usr/bin:/bin")
         env["PYTHONUNBUFFERED"] = "1"
         env["CONSUL_HTTP_ADDR"] = self.config.consul.address
+        env["MESH_MTLS"] = "1" if self.config.mesh.mtls else "0"
         # No token by default: only the processes that talk to Consul get one, their own
         # (consul_token); an app does not, and nor does a server the supervisor runs.
         env.pop("CONSUL_HTTP_TOKEN", None)

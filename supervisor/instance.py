@@ -135,7 +135,8 @@ def sidecar_spec(service: Service, index: int, ports: InstancePorts, service_id:
         health=service.health, route=service.route, openapi=service.openapi, version=service.version,
         idempotency_key=service.idempotency_key, drain_seconds=service.drain_seconds,
         reuse_port=bool(service.port),
-        **SidecarSettings.read(env, "consul_address", "consul_token"),  # [consul], in every process's env
+        # [consul] and [mesh], in every process's env
+        **SidecarSettings.read(env, "consul_address", "consul_token", "mtls"),
     )
     # to_env() writes what the supervisor sets, over sidecar_env (config.py refuses those
     # names there); the rest of the sidecar's settings are sidecar_env's or their defaults.

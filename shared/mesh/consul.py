@@ -252,9 +252,13 @@ def registration_payload(
     meta: Mapping[str, str] | None = None,
     tags: Iterable[str] = (),
     check: Mapping[str, Any] | None = None,
+    connect_native: bool = False,
     version: Version,
 ) -> dict[str, Any]:
-    """The body of PUT /v1/agent/service/register that an agent of `version` accepts."""
+    """The body of PUT /v1/agent/service/register that an agent of `version` accepts.
+
+    `connect_native`: the instance speaks Connect's mTLS itself (our sidecar does): it is
+    then listed by /v1/health/connect/<name> and shown in the UI as part of the mesh."""
     payload: dict[str, Any] = {
         "ID": service_id,
         "Name": name,
@@ -263,6 +267,8 @@ def registration_payload(
         "Meta": dict(meta or {}),
         "Tags": list(tags),
     }
+    if connect_native:
+        payload["Connect"] = {"Native": True}
     if check is not None:
         payload["Check"] = {
             key: value for key, value in check.items() if version >= CHECK_FIELDS_SINCE.get(key, (0, 0, 0))

@@ -288,13 +288,18 @@ class ServiceWatch(BlockingWatch[tuple[Endpoint, ...]]):
         wait: float = 30.0,
         on_change: Callable[[tuple[Endpoint, ...]], None] | None = None,
         log: LogTarget = None,
+        connect: bool = False,
     ) -> None:
         super().__init__(client, wait=wait, on_change=on_change, log=log, what=f"service {service}")
         self.service = service
+        # Only the instances in the Connect mesh (Connect.Native or a connect-proxy), the
+        # only ones an mTLS client can reach: /v1/health/connect/<name>.
+        self.connect = connect
         self.endpoints: tuple[Endpoint, ...] = ()
 
     def _path(self) -> str:
-        return f"/v1/health/service/{self.service}"  # py-consul quotes the path
+        kind = "connect" if self.connect else "service"
+        return f"/v1/health/{kind}/{self.service}"  # py-consul quotes the path
 
     def _params(self) -> list[tuple[str, str]]:
         return [("passing", "true")]

@@ -156,6 +156,8 @@ class InstanceSettings(EnvStruct, kw_only=True):
     # From [consul], for every process.
     consul_address: Annotated[str, Var("CONSUL_HTTP_ADDR", supervisor=True)] = "127.0.0.1:8500"
     consul_token: Annotated[str, Var("CONSUL_HTTP_TOKEN", supervisor=True)] = ""
+    # From [mesh] mtls: Connect identities, mTLS between mesh members, intentions.
+    mtls: Annotated[bool, Var("MESH_MTLS", supervisor=True)] = True
 
     def __post_init__(self) -> None:
         if not self.service_id:

@@ -78,9 +78,11 @@ class Registration:
         deregister_after: str = "1m",
         tags: Iterable[str] = (),
         check_options: Mapping[str, Any] | None = None,
+        connect_native: bool = False,
         log: LogTarget = None,
     ) -> None:
         self._client = client
+        self.connect_native = connect_native
         self.service_id = service_id
         self.name = name
         self.address = address
@@ -269,6 +271,7 @@ class Registration:
             meta=self.meta,
             tags=self.tags,
             check=check,
+            connect_native=self.connect_native,
             version=version,
         )
         self._warn_dropped(check, payload["Check"], version)

@@ -19,7 +19,17 @@ def consul_agent():
 
 @pytest.fixture
 def agent():
-    """A Consul dev agent of this test alone, which it may stop and restart."""
+    """A Consul agent of this test alone, with ACLs (default deny) and Connect, as a
+    production cluster has them; the test may stop and restart it."""
+    a = ConsulDevAgent(acl=True)
+    a.start()
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def plain_agent():
+    """A Consul dev agent without ACLs (state in memory: a restart forgets everything)."""
     a = ConsulDevAgent()
     a.start()
     yield a

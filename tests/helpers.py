@@ -14,6 +14,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -209,13 +210,23 @@ def alive(pids) -> list[int]:
     return out
 
 
-class ConsulDevAgent:
-    """A real Consul agent in dev mode (state in memory) on free ports, restartable.
+# Management tokens of the ACL agents of this test run, by address: stack_settings hands
+# a stack on such an agent its token, as an operator's [consul] token would.
+ACL_TOKENS: dict[str, str] = {}
 
-    A restart loses every registration, which is exactly the case sidecars must heal.
+
+class ConsulDevAgent:
+    """A real Consul agent on free ports, restartable.
+
+    Plain (`acl=False`): dev mode, state in memory; a restart loses every registration,
+    which is exactly the case sidecars must heal. With `acl=True`: what a production
+    cluster looks like to the stack, a one-node server keeping its state in its data dir,
+    ACLs on with default deny (management token `token`, in a 0600 config file, never on
+    the command line), the anonymous token allowed to read services and nodes (as the
+    supervisor sets up its embedded agent), Connect on. Both have Connect's CA.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, acl: bool = False) -> None:
         from supervisor.infra.consul import find_binary
 
         self.binary = find_binary(ROOT)
@@ -223,19 +234,68 @@ class ConsulDevAgent:
         self.address = f"127.0.0.1:{self.http}"
         self.dir = tempfile.mkdtemp(prefix="meshvisor-consul-")
         self.proc: subprocess.Popen | None = None
+        self.acl = acl
+        self.token = str(uuid.uuid4()) if acl else ""
+        if acl:
+            ACL_TOKENS[self.address] = self.token
+            self._write_config()
 
     def start(self, timeout: float = 30) -> None:
-        """Launch and wait until it has a leader."""
+        """Launch and wait until it has a leader (and with ACLs, until they work)."""
         self.launch()
-        wait_for(self.leader, timeout, interval=0.1, what="consul dev agent leader")
+        wait_for(self.leader, timeout, interval=0.1, what="consul agent leader")
+        if self.acl:
+            wait_for(self._acl_ready, timeout, interval=0.1, what="consul ACLs")
+            self._allow_anonymous_reads()
 
     def launch(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
-             "-http-port", str(self.http), "-server-port", str(self.server), "-serf-lan-port", str(self.serf),
-             "-serf-wan-port", "-1", "-dns-port", "-1", "-hcl", "ports { grpc = -1 }", "-log-level", "warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir,
-        )
+        if self.acl:
+            argv = [self.binary, "agent", "-config-file", os.path.join(self.dir, "agent.json")]
+        else:
+            argv = [self.binary, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+                    "-http-port", str(self.http), "-server-port", str(self.server), "-serf-lan-port", str(self.serf),
+                    "-serf-wan-port", "-1", "-dns-port", "-1", "-hcl", "ports { grpc = -1 }", "-log-level", "warn"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir)
+
+    def _write_config(self) -> None:
+        config = {
+            "datacenter": "dc1", "primary_datacenter": "dc1", "node_name": f"test-{self.http}", "server": True,
+            "bootstrap_expect": 1, "bind_addr": "127.0.0.1", "client_addr": "127.0.0.1",
+            "data_dir": os.path.join(self.dir, "data"), "log_level": "warn", "ui": True,
+            "ports": {"http": self.http, "dns": -1, "server": self.server, "serf_lan": self.serf, "serf_wan": -1,
+                      "grpc": -1},
+            "performance": {"raft_multiplier": 1}, "connect": {"enabled": True},
+            "acl": {"enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
+                    "enable_token_persistence": True, "tokens": {"master": self.token, "agent": self.token}},
+        }
+        fd = os.open(os.path.join(self.dir, "agent.json"), os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as file:
+            json.dump(config, file)
+
+    def _acl_ready(self) -> bool:
+        try:
+            self.get("/v1/acl/token/self", token=self.token)
+            return True
+        except OSError:
+            return False
+
+    def _allow_anonymous_reads(self) -> None:
+        from supervisor.infra import acl
+
+        for name, rules in acl.POLICIES.items():
+            if name == acl.ANONYMOUS_POLICY and not any(p["Name"] == name for p in
+                                                        self.get("/v1/acl/policies", token=self.token)):
+                self.put("/v1/acl/policy", {"Name": name, "Rules": rules})
+        self.put(f"/v1/acl/token/{acl.ANONYMOUS_ACCESSOR}", {"Policies": [{"Name": acl.ANONYMOUS_POLICY}]})
+
+    def put(self, path: str, body: dict):
+        """PUT with the management token (writes need one when ACLs are on)."""
+        import urllib.request
+
+        request = urllib.request.Request(f"http://{self.address}{path}", data=json.dumps(body).encode(), method="PUT",
+                                         headers={"X-Consul-Token": self.token} if self.token else {})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return json.loads(resp.read() or b"null")
 
     def leader(self) -> bool:
         try:
@@ -243,10 +303,12 @@ class ConsulDevAgent:
         except OSError:
             return False
 
-    def get(self, path: str):
+    def get(self, path: str, token: str = ""):
         import urllib.request
 
-        with urllib.request.urlopen(f"http://{self.address}{path}", timeout=5) as resp:
+        request = urllib.request.Request(f"http://{self.address}{path}",
+                                         headers={"X-Consul-Token": token} if token else {})
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return json.loads(resp.read())
 
     def stop(self) -> None:
@@ -271,6 +333,7 @@ class ConsulDevAgent:
 
     def close(self) -> None:
         self.terminate()
+        ACL_TOKENS.pop(self.address, None)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -292,8 +355,12 @@ def mesh_project(consul: str, services: dict[str, str], *, gateway_port: int | N
 
 def stack_settings(consul: str, *, start_timeout: float) -> str:
     """The [supervisor], [restart] and [consul] tables of a test stack: instance ports of
-    its own, quick restarts, the Consul agent at `consul`."""
+    its own, quick restarts, the Consul agent at `consul` (with its management token as
+    [consul] token when it is an ACL agent of this run: the supervisor then makes the
+    services' tokens with it)."""
     low, high = free_range(80)
+    token = ACL_TOKENS.get(consul)
+    acl = f'acl = true\ntoken = "{token}"\n' if token else ""
     return f"""
 [supervisor]
 port_range = [{low}, {high}]
@@ -306,4 +373,4 @@ backoff_max = 1.0
 [consul]
 mode = "external"
 address = "{consul}"
-"""
+{acl}"""

@@ -176,7 +176,7 @@ class World(NamedTuple):
 
 @pytest.fixture(scope="module")
 def world():
-    agent = ConsulDevAgent()
+    agent = ConsulDevAgent(acl=True)
     agent.start()
     p = app_stack(agent.address)
     try:

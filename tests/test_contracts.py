@@ -24,12 +24,13 @@ SIDECAR_ELSEWHERE = SidecarSettings(
     admin_port=21002, health="/healthz", route="/api/v1/api", openapi="/openapi.json", version="7",
     idempotency_key=True, upstreams={"billing": 21003, "auth-x": 21004}, reuse_port=True,
     drain_seconds=0.5, check_interval="5s", check_timeout="3s", deregister_after="2m",
-    connect_timeout=1.5, request_timeout=60.0, retries=0, access_log=False, unix_socket=False,
+    connect_timeout=1.5, request_timeout=60.0, retries=0, access_log=False, unix_socket=False, mtls=False,
 )
 GATEWAY_ELSEWHERE = GatewaySettings(
     service="edge", index=2, service_id="edge-n-2", node="n", consul_address="10.0.0.1:8501",
     consul_token="secret", host="0.0.0.0", port=8080, admin_port=8081, reuse_port=True, register=False,
     max_body=1024, connect_timeout=1.5, request_timeout=60.0, retries=5, access_log=False, drain_seconds=0.25,
+    mtls=False,
 )
 
 
@@ -54,6 +55,7 @@ def test_variable_names_and_defaults_are_the_documented_ones():
     assert (s.upstreams, s.consul_address, s.consul_token, s.reuse_port) == ({}, "127.0.0.1:8500", "", False)
     assert (s.drain_seconds, s.check_interval, s.check_timeout, s.deregister_after) == (2.0, "2s", "1s", "1m")
     assert (s.connect_timeout, s.request_timeout, s.retries, s.access_log, s.unix_socket) == (2.0, 30.0, 2, True, True)
+    assert s.mtls is True  # plain HTTP between mesh members only when asked for
     assert SidecarSettings.env_names() == SIDECAR_ENV_FROM_SUPERVISOR | {
         "CONSUL_NODE", "SIDECAR_HOST", "SIDECAR_CHECK_INTERVAL", "SIDECAR_CHECK_TIMEOUT", "SIDECAR_DEREGISTER_AFTER",
         "SIDECAR_CONNECT_TIMEOUT", "SIDECAR_REQUEST_TIMEOUT", "SIDECAR_RETRIES", "SIDECAR_ACCESS_LOG",
@@ -65,7 +67,7 @@ def test_variable_names_and_defaults_are_the_documented_ones():
     assert (g.connect_timeout, g.request_timeout, g.retries, g.access_log, g.drain_seconds) == (2.0, 30.0, 2, True, 1.0)
     assert GatewaySettings.env_names() == {
         "HOST", "PORT", "ADMIN_PORT", "REUSE_PORT", "SERVICE_NAME", "INSTANCE_INDEX", "SERVICE_ID", "CONSUL_NODE",
-        "CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "GATEWAY_REGISTER", "GATEWAY_MAX_BODY", "GATEWAY_CONNECT_TIMEOUT",
+        "CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "MESH_MTLS", "GATEWAY_REGISTER", "GATEWAY_MAX_BODY", "GATEWAY_CONNECT_TIMEOUT",
         "GATEWAY_REQUEST_TIMEOUT", "GATEWAY_RETRIES", "GATEWAY_ACCESS_LOG", "GATEWAY_DRAIN_SECONDS"}
 
 
@@ -74,7 +76,7 @@ def test_the_names_sidecar_env_may_not_use_are_those_the_supervisor_sets():
         "SERVICE_NAME", "INSTANCE_INDEX", "SERVICE_ID", "SIDECAR_PORT", "APP_PORT", "SIDECAR_ADMIN_PORT",
         "HEALTH_PATH", "SERVICE_ROUTE", "OPENAPI_PATH", "SERVICE_VERSION", "SERVICE_IDEMPOTENCY_KEY",
         "SIDECAR_UPSTREAMS", "SIDECAR_DRAIN_SECONDS", "SIDECAR_REUSE_PORT", "APP_SOCKET", "CONSUL_HTTP_ADDR",
-        "CONSUL_HTTP_TOKEN"}
+        "CONSUL_HTTP_TOKEN", "MESH_MTLS"}
     # What the supervisor decides is always written, even at its default; the rest only
     # where it differs, so an operator's sidecar_env beneath is not overwritten.
     supervised = SidecarSettings(service="api", port=1, app_port=2, service_id="api-n-1")

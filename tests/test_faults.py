@@ -29,7 +29,7 @@ EXAMPLE = 3
 
 @pytest.fixture(scope="module")
 def consul():
-    agent = ConsulDevAgent()
+    agent = ConsulDevAgent(acl=True)
     agent.start()
     yield agent
     agent.close()

@@ -83,8 +83,18 @@ def test_registration_lifecycle(make_mesh, agent):
     assert agent.checks("api") == {}
 
 
-def test_agent_restart_loses_state_and_sidecars_register_again(make_mesh, agent):
-    p = make_mesh({"api": "instances = 2"})
+def test_agent_restart_loses_state_and_sidecars_register_again(plain_agent):
+    # A dev agent (no ACLs, state in memory): a restart is an agent that lost everything.
+    agent = plain_agent
+    p = mesh_project(agent.address, {"api": "instances = 2"}, drain_seconds=1.0)
+    request_cleanup = p.cleanup
+    try:
+        _restart_and_see_registrations_back(p, agent)
+    finally:
+        request_cleanup()
+
+
+def _restart_and_see_registrations_back(p: Project, agent) -> None:
     p.start()
     before = {r["process"]: r["pid"] for r in p.rows()}
     assert len(agent.passing("api")) == 2

@@ -41,7 +41,7 @@ class Backend:
         self.inflight = 0  # leases not settled yet
         self.failures = 0  # consecutive
         self.ejected_until = 0.0
-        self.idle: list = []  # keep-alive connections ready for reuse (relay.UpstreamSide)
+        self.idle: list = []  # keep-alive connections ready for reuse (relay.upstream.UpstreamSide; see relay.pool)
         self.removed = False
 
     def __repr__(self) -> str:

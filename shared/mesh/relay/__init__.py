@@ -26,7 +26,9 @@ The modules, one idea each (each imports only those above it):
 - upstream: UpstreamSide, a connection to an instance, and the `Client` interface
   through which it reports to the client side;
 - pool: idle connections per instance, and opening one (Unix socket, TCP fallback);
-- client: ClientSide, a client's connection: requests in, the attempts, answers out;
+- exchange, forwarding, client: ClientSide, a client's connection, in three layers: its
+  state and how an exchange ends (the answer), getting the request to an instance
+  (the attempts), and the Protocol with the request loop (see relay.exchange);
 - listener: Relay, the listening relay: connections, idle and deadline sweeps, draining.
 """
 

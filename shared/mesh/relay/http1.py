@@ -15,7 +15,7 @@ and are read directly, without a parser, unless their body is chunked.
 
 from __future__ import annotations
 
-MAX_HEAD = 64 * 1024  # larger request heads get 431; larger response heads are refused
+MAX_HEAD = 64 * 1024  # larger request heads get 431; a response head not ended within it is refused
 
 # How a message body is delimited (the relay's body modes).
 NONE, LENGTH, CHUNKED, EOF = 0, 1, 2, 3
@@ -30,7 +30,9 @@ X_FORWARDED_FOR = b"\r\nx-forwarded-for:"
 X_FORWARDED_PROTO = b"\r\nx-forwarded-proto:"
 X_FORWARDED_HOST = b"\r\nx-forwarded-host:"
 HOST = b"\r\nhost:"
-_CONNECTION_LEN, _TRANSFER_ENCODING_LEN, _CONTENT_LENGTH_LEN = len(CONNECTION), len(TRANSFER_ENCODING), len(CONTENT_LENGTH)
+_CONNECTION_LEN = len(CONNECTION)
+_TRANSFER_ENCODING_LEN = len(TRANSFER_ENCODING)
+_CONTENT_LENGTH_LEN = len(CONTENT_LENGTH)
 
 
 def header(lower: bytes, head: bytes, needle: bytes) -> bytes | None:
@@ -56,7 +58,7 @@ def framing(head: bytes, lower: bytes, http11: bool, bodiless: bool) -> tuple[bo
     ValueError for a Content-Length that is not a number.
 
     Called twice per request (its head and its response's): the three lookups are
-    `header` written out, a Python call each saved (about 0.1 µs).
+    `header` written out, a Python call saved each (about 0.5k instructions).
     """
     i = lower.find(CONNECTION)
     if i < 0:

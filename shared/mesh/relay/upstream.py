@@ -11,8 +11,9 @@ Invariants:
   pool (bytes arriving then are not a state we can trust: the connection is closed);
 - whatever ends an exchange detaches the client first (`client = None`), so that a late
   callback (a close, a last read) cannot reach a client that has moved on;
-- a connection ends the response it relays exactly once: response_done,
-  response_ended_by_close, response_cut or attempt_failed (nothing came back).
+- a connection hands each exchange back exactly once: response_done,
+  response_ended_by_close, response_cut, attempt_failed (nothing usable came back) or
+  tunnel_opened (from then on it is a tunnel until either side closes).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from shared.mesh.relay.http1 import CHUNKED, EOF, LENGTH, MAX_HEAD, NONE, framin
 
 
 class Client(Protocol):
-    """What an instance connection asks of the client side (relay.client.ClientSide)."""
+    """What an instance connection asks of the client side (ClientSide: relay.exchange, relay.forwarding)."""
 
     def write(self, data: bytes) -> None:
         """Bytes for the client as they are: an interim (1xx) head, tunnelled data."""
@@ -75,28 +76,20 @@ class UpstreamSide(asyncio.Protocol):
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.transport: asyncio.Transport | None = None
-        self.client: Client | None = None
-        self.reused = False
         self.closed = False
-        self.buf = b""
-        self.head_done = False
-        self.mode = NONE
-        self.remaining = 0
-        self.parser = None
-        self.done = False
-        self.keep_alive = True
-        self.is_head = False
-        self.upgrade = False
-        self.tunnelled = False
         self.reading_paused = False
+        self.tunnelled = False
         # TCP standing in for the instance's Unix socket, which had failed (see relay.pool).
         self.stand_in = False
+        # The framing of the response being relayed, as its head says (see data_received).
+        self.keep_alive, self.mode, self.remaining, self.parser = True, NONE, 0, None
+        self.begin(None, reused=False, is_head=False, upgrade=False)
 
     @property
     def usable(self) -> bool:
         return not self.closed and not self.transport.is_closing()
 
-    def begin(self, client: Client, reused: bool, is_head: bool, upgrade: bool) -> None:
+    def begin(self, client: Client | None, reused: bool, is_head: bool, upgrade: bool) -> None:
         """Relay the response to the request `client` is about to send (a HEAD, an upgrade)."""
         self.client = client
         self.reused = reused

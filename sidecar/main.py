@@ -25,10 +25,13 @@ import aiohttp
 from aiohttp import web
 
 from shared.mesh import local
+from shared.mesh.authorize import Authorizer
 from shared.mesh.balancing import Balancer
 from shared.mesh.discovery import Endpoint, ServiceWatch, route_to
 from shared.mesh.endpoint import MeshEndpoint
+from shared.mesh.identity import Identity
 from shared.mesh.meta import InstanceMeta
+from shared.mesh.mtls import Inbound, Outbound
 from shared.mesh.relay import Relay, RelaySettings, Route
 from shared.mesh.telemetry import AccessLog, RelayMetrics
 from sidecar.settings import SidecarSettings
@@ -48,6 +51,10 @@ class Sidecar:
         self.app_healthy = False
         self.unix_socket = ""  # the announced name, once listening on it (shared.mesh.local)
         self._stop = asyncio.Event()
+        # With mTLS: this instance's Connect identity, who may call it, how it calls others.
+        self.identity: Identity | None = None
+        self.inbound: Inbound | None = None
+        self.outbound: Outbound | None = None
 
     def _meta(self) -> dict[str, str]:
         s = self.s
@@ -72,6 +79,8 @@ class Sidecar:
         self.endpoint.at_close(self._session.close)
         async with self.endpoint:
             await self._start_admin()
+            if s.mtls:
+                await self._start_identity()
             await self._start_inbound()
             # Announced once listening, with the socket if one is.
             self.endpoint.announce(
@@ -112,6 +121,19 @@ class Sidecar:
         await site.start()
         self.admin_port = site._server.sockets[0].getsockname()[1]
 
+    async def _start_identity(self) -> None:
+        """The leaf of this service and the CA roots (followed from now on), and the
+        intentions' answers for whoever calls: before any listener opens."""
+        consul = self.endpoint.consul
+        self.identity = Identity(consul, self.s.service, log=log)
+        self.endpoint.at_close(self.identity.stop)
+        await self.identity.start()
+        authorizer = Authorizer(consul, self.s.service, log=log)
+        self.endpoint.at_close(authorizer.stop)
+        await authorizer.start()
+        self.inbound, self.outbound = Inbound(self.identity, authorizer), Outbound(self.identity)
+        log.info("Connect identity in hand", extra={"fields": {"uri": self.identity.uri}})
+
     async def _start_inbound(self) -> None:
         app = Balancer(self.s.service, eject_after=1_000_000)  # one target: never eject it
         app.update([("app", "127.0.0.1", self.s.app_port, {})])
@@ -120,12 +142,14 @@ class Sidecar:
         # which a keyed POST survives too when this app honours the key.
         route = Route("inbound", app, connect_timeout=self.s.connect_timeout,
                       request_timeout=self.s.request_timeout, retries=1, idempotency_key=self.s.idempotency_key)
-        relay = Relay(RelaySettings("inbound"), lambda method, target: route, self.metrics, self.access_log)
-        await self.endpoint.listen(relay, self.s.host, self.s.port, reuse_port=self.s.reuse_port)
+        relay = Relay(RelaySettings("inbound"), lambda method, target: route, self.metrics, self.access_log,
+                      inbound=self.inbound)
+        tls = self.inbound.context if self.inbound is not None else None
+        await self.endpoint.listen(relay, self.s.host, self.s.port, reuse_port=self.s.reuse_port, ssl=tls)
         if self.s.unix_socket and local.host_id():
             name = local.socket_name(self.s.service_id, self.s.port)
             try:
-                await self.endpoint.listen_local(relay, name)
+                await self.endpoint.listen_local(relay, name, ssl=tls)
                 self.unix_socket = name
             except OSError as exc:  # e.g. taken: the TCP port serves everyone alike
                 log.warning("cannot listen on the Unix socket; TCP only", extra={"fields": {
@@ -137,14 +161,14 @@ class Sidecar:
             self.balancers[name] = balancer
 
             route = Route(name, balancer, connect_timeout=self.s.connect_timeout,
-                          request_timeout=self.s.request_timeout, retries=self.s.retries)
+                          request_timeout=self.s.request_timeout, retries=self.s.retries, tls=self.outbound)
 
             def update(endpoints: tuple[Endpoint, ...], balancer=balancer, route=route) -> None:
                 route_to(route, endpoints)
                 log.info("upstream instances changed", extra={"fields": {
                     "upstream": balancer.name, "instances": [f"{e.address}:{e.port}" for e in endpoints]}})
 
-            watch = ServiceWatch(self.endpoint.consul, name, on_change=update, log=log)
+            watch = ServiceWatch(self.endpoint.consul, name, on_change=update, log=log, connect=self.s.mtls)
             self.watches[name] = watch
             self.endpoint.at_close(watch.stop)
             await watch.start()
@@ -206,6 +230,15 @@ class Sidecar:
 
     # -- admin ---------------------------------------------------------------------
 
+    def problems(self) -> list[str]:
+        """What keeps this sidecar from working as it should (for supervisor status)."""
+        found = []
+        if self.identity is not None and self.identity.problem:
+            found.append(f"identity: {self.identity.problem} (the last good certificate is kept)")
+        if self.inbound is not None and self.inbound.authorizer.problem:
+            found.append(self.inbound.authorizer.problem)
+        return found
+
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
@@ -223,6 +256,8 @@ class Sidecar:
             "registered": self.endpoint.registered,
             "unix_socket": self.unix_socket or None,
             "app_healthy": self.app_healthy,
+            "identity": self.identity.uri if self.identity is not None else None,
+            "problems": self.problems(),
             "inflight": sum(r.inflight for r in self.endpoint.relays),
             "upstreams": {
                 name: [{"address": b.address, "inflight": b.inflight, "ejected": b.ejected_until > time.monotonic()}

@@ -24,7 +24,9 @@ from services.gateway.settings import GatewaySettings
 from shared.kit.app import SERVER_LIMITS
 from shared.mesh.balancing import Balancer
 from shared.mesh.endpoint import MeshEndpoint
+from shared.mesh.identity import Identity
 from shared.mesh.meta import InstanceMeta
+from shared.mesh.mtls import Outbound
 from shared.mesh.relay import Relay, RelaySettings, Route
 from shared.mesh.telemetry import AccessLog, RelayMetrics
 from shared.kit.web import errors, request_context
@@ -68,9 +70,13 @@ class Gateway:
         self.access_log = AccessLog(settings.service, settings.instance) if settings.access_log else None
         self._stop = asyncio.Event()
 
-    def _route(self, name: str, balancer: Balancer) -> Route:
+    def _route(self, name: str, balancer: Balancer, tls: Outbound | None = None) -> Route:
         return Route(name, balancer, connect_timeout=self.s.connect_timeout,
-                     request_timeout=self.s.request_timeout, retries=self.s.retries)
+                     request_timeout=self.s.request_timeout, retries=self.s.retries, tls=tls)
+
+    def _service_route(self, name: str, balancer: Balancer) -> Route:
+        """The route to a service's instances: mTLS when the mesh has it."""
+        return self._route(name, balancer, self.outbound)
 
     def route_for(self, method: bytes, target: bytes) -> Route | None:
         # The gateway's own paths first: no service may take /health or /api-docs. One
@@ -90,10 +96,16 @@ class Gateway:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         async with endpoint:
+            self.outbound = None
+            if s.mtls:  # the gateway's own Connect identity, presented to every sidecar
+                identity = Identity(endpoint.consul, s.service, log=log)
+                endpoint.at_close(identity.stop)
+                await identity.start()
+                self.outbound = Outbound(identity)
             self.openapi = None
-            self.table = RouteTable(endpoint.consul, self._route,
-                                    on_change=lambda: self.openapi and self.openapi.invalidate())
-            self.openapi = OpenApiMerger(self.table)
+            self.table = RouteTable(endpoint.consul, self._service_route,
+                                    on_change=lambda: self.openapi and self.openapi.invalidate(), connect=s.mtls)
+            self.openapi = OpenApiMerger(self.table, tls=self.outbound)
             own = await self._start_own_app()
             endpoint.at_close(self._own_runner.cleanup)
             own_route = self._route("gateway", Balancer("gateway", eject_after=1_000_000))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import time
 
@@ -17,13 +18,17 @@ import aiohttp
 
 from services.gateway.routes import RouteTable
 from shared.mesh.meta import InstanceMeta
+from shared.mesh.mtls import Outbound
 
 log = logging.getLogger("meshvisor.gateway.openapi")
+FETCH_TIMEOUT = 3.0  # seconds for one service's document
 
 
 class OpenApiMerger:
-    def __init__(self, table: RouteTable, title: str = "meshvisor API", max_age: float = 30.0) -> None:
+    def __init__(self, table: RouteTable, title: str = "meshvisor API", max_age: float = 30.0,
+                 tls: Outbound | None = None) -> None:
         self.table = table
+        self.tls = tls  # with mTLS: fetched over it, from an instance that proves its service
         self.title = title
         self.max_age = max_age
         self._docs: dict[str, dict] = {}  # service -> its last good document
@@ -47,7 +52,7 @@ class OpenApiMerger:
             return self._merged
 
     async def _refresh(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=3)
+        timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             await asyncio.gather(*(self._fetch(session, name) for name in self.table.routed()))
 
@@ -57,15 +62,23 @@ class OpenApiMerger:
             if not path:
                 return
             try:
-                async with session.get(f"http://{endpoint.address}:{endpoint.port}{path}") as resp:
-                    if resp.status == 200:
-                        doc = await resp.json(content_type=None)
-                        if isinstance(doc, dict) and isinstance(doc.get("paths"), dict):
-                            self._docs[service] = doc
-                            return
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                status, body = await self._get(session, service, endpoint.address, endpoint.port, path)
+                if status == 200:
+                    doc = json.loads(body)
+                    if isinstance(doc, dict) and isinstance(doc.get("paths"), dict):
+                        self._docs[service] = doc
+                        return
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
                 log.warning("openapi of %s from %s:%s failed: %s", service, endpoint.address, endpoint.port,
                             type(exc).__name__)
+
+
+    async def _get(self, session: aiohttp.ClientSession, service: str, host: str, port: int,
+                   path: str) -> tuple[int, bytes]:
+        if self.tls is not None:  # mTLS to an instance that proves to be of `service`
+            return await self.tls.get(host, port, service, path, FETCH_TIMEOUT)
+        async with session.get(f"http://{host}:{port}{path}") as resp:
+            return resp.status, await resp.read()
 
 
 def merge(title: str, services: dict[str, tuple[str, dict]]) -> dict:

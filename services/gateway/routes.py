@@ -39,8 +39,9 @@ def match(table: list[tuple[bytes, Route]], target: bytes) -> Route | None:
 
 class RouteTable:
     def __init__(self, client: consul.aio.Consul, make_route: Callable[[str, Balancer], Route],
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, connect: bool = False) -> None:
         self.client = client
+        self.connect = connect  # only instances in the Connect mesh (mTLS): ServiceWatch(connect=)
         self.make_route = make_route
         self.on_change = on_change
         self.catalog = CatalogWatch(client, on_change=self._services_changed, log=log)
@@ -82,7 +83,7 @@ class RouteTable:
     def _services_changed(self, services: dict[str, list[str]]) -> None:
         for name in services:
             if name not in self.watches and name != "consul":
-                watch = ServiceWatch(self.client, name, log=log,
+                watch = ServiceWatch(self.client, name, log=log, connect=self.connect,
                                      on_change=lambda eps, name=name: self._instances_changed(name, eps))
                 self.watches[name] = watch
                 self._spawn(watch.start())

@@ -45,6 +45,11 @@ class Decision:
         self.allowed = False
         self.reason = "not asked yet"
 
+    @property
+    def caller(self) -> str:
+        """The calling service's name, for messages (the last segment of its SPIFFE URI)."""
+        return self.uri.rsplit("/svc/", 1)[-1] if "/svc/" in self.uri else "this caller"
+
     def __repr__(self) -> str:
         return f"Decision({self.uri} allowed={self.allowed} {self.reason!r})"
 

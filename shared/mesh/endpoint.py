@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from ssl import SSLContext
 from typing import Any
 
 from shared.mesh import local
@@ -63,19 +64,19 @@ class MeshEndpoint:
     # -- start ---------------------------------------------------------------------------
 
     async def listen(self, relay: Relay, host: str, port: int, *, reuse_port: bool = False,
-                     backlog: int = 1024) -> asyncio.AbstractServer:
-        """Serve `relay` on host:port. OSError if the port cannot be had."""
+                     backlog: int = 1024, ssl: SSLContext | None = None) -> asyncio.AbstractServer:
+        """Serve `relay` on host:port (TLS with `ssl`). OSError if the port cannot be had."""
         loop = asyncio.get_running_loop()
         server = await loop.create_server(relay.protocol, host, port, reuse_port=reuse_port or None,
-                                          backlog=backlog)
+                                          backlog=backlog, ssl=ssl)
         self.relays.append(relay)
         self.servers.append(server)
         return server
 
-    async def listen_local(self, relay: Relay, name: str) -> None:
+    async def listen_local(self, relay: Relay, name: str, ssl: SSLContext | None = None) -> None:
         """Also serve `relay` (listening already) on the abstract Unix socket `name`
-        (shared.mesh.local). OSError if the name is taken."""
-        self.servers.append(await local.listen(relay.protocol, name))
+        (shared.mesh.local), TLS with `ssl`. OSError if the name is taken."""
+        self.servers.append(await local.listen(relay.protocol, name, ssl))
 
     def announce(self, **registration: Any) -> Registration:
         """What register() will register: Registration's arguments but the client and log."""

@@ -21,6 +21,7 @@ import functools
 import os
 import socket
 from collections.abc import Callable, Mapping
+from ssl import SSLContext
 
 from shared.mesh.meta import InstanceMeta
 
@@ -57,12 +58,15 @@ def reachable_socket(meta: Mapping[str, str]) -> str | None:
     return _address(announced.unix_socket)
 
 
-async def listen(protocol_factory: Callable[[], asyncio.Protocol], name: str) -> asyncio.AbstractServer:
+async def listen(protocol_factory: Callable[[], asyncio.Protocol], name: str,
+                 ssl: SSLContext | None = None) -> asyncio.AbstractServer:
+    """With `ssl`, the same mTLS as the TCP listener: the shortcut skips the TCP stack,
+    not the identity check (any local process can connect to an abstract socket)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(protocol_factory, _address(name), backlog=1024)
+    return await loop.create_unix_server(protocol_factory, _address(name), backlog=1024, ssl=ssl)
 
 
-async def connect(protocol_factory: Callable[[], asyncio.Protocol], address: str
+async def connect(protocol_factory: Callable[[], asyncio.Protocol], address: str, ssl: SSLContext | None = None
                   ) -> tuple[asyncio.Transport, asyncio.Protocol]:
     # The socket is connected here because uvloop's create_unix_connection(path) passes the
     # path to libuv as a C string, which cuts an abstract name at its leading NUL. A Unix
@@ -75,7 +79,8 @@ async def connect(protocol_factory: Callable[[], asyncio.Protocol], address: str
     sock.setblocking(False)
     try:
         sock.connect(address)
-        return await loop.create_unix_connection(protocol_factory, sock=sock)
+        return await loop.create_unix_connection(protocol_factory, sock=sock, ssl=ssl,
+                                                 server_hostname="" if ssl is not None else None)
     except BaseException:
         sock.close()
         raise

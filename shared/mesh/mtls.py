@@ -23,6 +23,8 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+import httptools
+
 from shared.mesh.authorize import Authorizer, Decision
 from shared.mesh.identity import Identity, peer_uri
 
@@ -78,3 +80,34 @@ class Outbound:
     def serves(self, transport: asyncio.BaseTransport, service: str) -> bool:
         """Whether the server of a new connection proved to be an instance of `service`."""
         return self.identity.peer_service(transport.get_extra_info("ssl_object")) == service
+
+    async def get(self, host: str, port: int, service: str, path: str, timeout: float) -> tuple[int, bytes]:
+        """One GET over mTLS to an instance of `service` (off the hot path: the gateway's
+        OpenAPI fetches); (status, body). OSError if the server is not `service`."""
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port, ssl=self.context(), server_hostname="")
+            try:
+                if not self.serves(writer.transport, service):
+                    raise ConnectionRefusedError(f"{host}:{port} did not prove to be an instance of {service}")
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: {service}\r\nConnection: close\r\n\r\n".encode())
+                response = _Response()
+                parser = httptools.HttpResponseParser(response)
+                while not response.done and (data := await reader.read(65536)):
+                    parser.feed_data(data)
+                return parser.get_status_code(), b"".join(response.body)
+            finally:
+                writer.close()
+
+
+class _Response:
+    """httptools' callbacks for Outbound.get: the body, and whether it is complete."""
+
+    def __init__(self) -> None:
+        self.body: list[bytes] = []
+        self.done = False
+
+    def on_body(self, data: bytes) -> None:
+        self.body.append(data)
+
+    def on_message_complete(self) -> None:
+        self.done = True

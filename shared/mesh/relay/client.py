@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 import httptools
 
 from shared.mesh.relay.forwarding import Forwarding
 from shared.mesh.relay.headers import rewrite_request
 from shared.mesh.relay.http1 import CHUNKED, IDEMPOTENCY_KEY, LENGTH, MAX_HEAD, NONE, framing
+
+if TYPE_CHECKING:
+    from shared.mesh.authorize import Decision
 
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
@@ -37,6 +41,15 @@ class ClientSide(Forwarding):
         self.relay.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""  # a Unix socket's peer has no address
+        inbound = self.relay.inbound
+        if inbound is not None:  # mTLS: the handshake is done; may this client's service call?
+            self.decision = inbound.admit(transport, self._admitted)
+            if self.decision is None:  # being asked: read nothing until the answer
+                self.pause_reading()
+
+    def _admitted(self, decision: Decision) -> None:
+        self.decision = decision
+        self._resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -162,6 +175,11 @@ class ClientSide(Forwarding):
             self.req_done = self.body_mode == NONE
 
         self.head_out, self.request_id = rewrite_request(head, lower, settings, self.peer, self.upgrade)
+        decision = self.decision
+        if decision is not None and not decision.allowed:  # checked per request: intentions change
+            self.buf = b""
+            self._reply(403, f"{decision.caller} may not call {self.relay.inbound.authorizer.target}", close=True)
+            return
         route = self.relay.router(self.method, self.target)
         if route is None:
             self.buf = rest

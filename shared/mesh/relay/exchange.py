@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from shared.kit.errors import error_response
 from shared.mesh.balancing import Backend, Lease
@@ -40,6 +40,10 @@ from shared.mesh.relay.pool import Pool
 from shared.mesh.relay.settings import RelaySettings, Route
 from shared.mesh.relay.upstream import UpstreamSide
 from shared.mesh.telemetry import AccessLog, RelayMetrics
+
+if TYPE_CHECKING:
+    from shared.mesh.authorize import Decision
+    from shared.mesh.mtls import Inbound
 
 # How long a connection closed after an early answer (e.g. a 413 before the whole body
 # came) keeps discarding the rest of the request body; see Exchange._linger.
@@ -57,12 +61,13 @@ class Host(Protocol):
     draining: bool
     loop: asyncio.AbstractEventLoop
     pool: Pool
+    inbound: Inbound | None
 
 
 class Exchange(asyncio.Protocol):
     """A client connection's state and the end of each exchange (see the module's doc)."""
 
-    __slots__ = ("attempts", "body_mode", "body_seen", "buf", "busy", "closed", "connecting", "deadline", "eof",
+    __slots__ = ("attempts", "body_mode", "body_seen", "buf", "busy", "closed", "connecting", "deadline", "decision", "eof",
                  "fresh_only", "head_out", "is_head", "keep_alive", "last_active", "lease", "lease_holder",
                  "lingering", "method", "parser", "paused_upstream", "peer", "pending", "pending_size",
                  "reading_paused", "relay", "remaining", "replay", "replay_size", "req_done", "request_id",
@@ -84,6 +89,9 @@ class Exchange(asyncio.Protocol):
         self.lingering = False
         self.spare_parser = None  # see _next_request
         self.lease_holder = Lease()  # taken for each attempt as `lease` (see Lease)
+        # With an mTLS listener: whether the client's service may call (shared.mesh.authorize:
+        # updated in place when intentions change); None otherwise, or while it is asked.
+        self.decision: Decision | None = None
         self._reset()
 
     def _reset(self) -> None:

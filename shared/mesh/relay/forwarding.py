@@ -55,7 +55,8 @@ class Forwarding(Exchange):
     async def _connect(self, backend: Backend) -> None:
         pool = self.relay.pool
         try:
-            up = await asyncio.wait_for(pool.open(backend), self.route.connect_timeout)
+            route = self.route
+            up = await asyncio.wait_for(pool.open(backend, route.name, route.tls), route.connect_timeout)
         except asyncio.CancelledError:
             raise
         except (OSError, asyncio.TimeoutError) as exc:

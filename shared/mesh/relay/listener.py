@@ -7,17 +7,25 @@ sweeps for idle keep-alive clients and for passed request deadlines, and drains.
 
 One sweep (every DEADLINE_SWEEP seconds) enforces every request deadline instead of a
 timer per request: a timer costs more than the rest of the bookkeeping of a small request.
+
+With mTLS (shared.mesh.mtls), `inbound` judges who may send requests to this listener
+(a sidecar's public one: listen with `ssl=inbound.context`); a Route's `tls` makes the
+connections to its instances mTLS.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from shared.mesh.relay.client import ClientSide
 from shared.mesh.relay.pool import Pool
 from shared.mesh.relay.settings import RelaySettings, Route
 from shared.mesh.telemetry import AccessLog, RelayMetrics
+
+if TYPE_CHECKING:
+    from shared.mesh.mtls import Inbound
 
 DEADLINE_SWEEP = 0.1  # request timeouts are enforced to within this many seconds
 
@@ -26,8 +34,10 @@ class Relay:
     """One listening relay: its settings, how to route, what to record, open connections."""
 
     def __init__(self, settings: RelaySettings, router: Callable[[bytes, bytes], Route | None],
-                 metrics: RelayMetrics, access_log: AccessLog | None = None) -> None:
+                 metrics: RelayMetrics, access_log: AccessLog | None = None, *,
+                 inbound: Inbound | None = None) -> None:
         self.settings = settings
+        self.inbound = inbound
         self.router = router
         self.metrics = metrics
         self.access_log = access_log

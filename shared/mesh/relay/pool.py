@@ -20,16 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 from shared.mesh import local
 from shared.mesh.balancing import Backend
 from shared.mesh.relay.upstream import UpstreamSide
 
+if TYPE_CHECKING:
+    from shared.mesh.mtls import Outbound
+
 SOCKET_RETRY = 5.0  # after a failed connect through an instance's Unix socket, TCP for this long
 
 
 class Pool:
-    __slots__ = ("loop", "max_idle", "keeping")
+    __slots__ = ("keeping", "loop", "max_idle")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_idle: int) -> None:
         self.loop = loop
@@ -46,16 +50,25 @@ class Pool:
                 return up
         return None
 
-    async def open(self, backend: Backend) -> UpstreamSide:
-        """A new connection to `backend`: through its Unix socket when it is on this host."""
+    async def open(self, backend: Backend, service: str, tls: Outbound | None = None) -> UpstreamSide:
+        """A new connection to `backend`, an instance of `service`: through its Unix socket
+        when it is on this host. With `tls` (mTLS, shared.mesh.mtls: each new connection
+        presents our leaf), an OSError too if the server does not prove to be `service`."""
+        context = tls.context() if tls is not None else None
         address = backend.socket
+        up = None
         if address is not None and time.monotonic() >= backend.socket_retry_at:
             try:
-                return (await local.connect(lambda: UpstreamSide(backend), address))[1]
+                up = (await local.connect(lambda: UpstreamSide(backend), address, context))[1]
             except OSError:
                 backend.socket_retry_at = time.monotonic() + SOCKET_RETRY
-        up = (await self.loop.create_connection(lambda: UpstreamSide(backend), backend.host, backend.port))[1]
-        up.stand_in = address is not None
+        if up is None:
+            up = (await self.loop.create_connection(lambda: UpstreamSide(backend), backend.host, backend.port,
+                                                    ssl=context, server_hostname="" if tls is not None else None))[1]
+            up.stand_in = address is not None
+        if tls is not None and not tls.serves(up.transport, service):
+            up.close()
+            raise ConnectionRefusedError(f"{backend.address} did not prove to be an instance of {service}")
         return up
 
     def put_back(self, up: UpstreamSide) -> None:

@@ -7,8 +7,12 @@ inbound and upstream listeners, the gateway, shared.mesh.discovery.route_to).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shared.mesh.balancing import Balancer
+
+if TYPE_CHECKING:
+    from shared.mesh.mtls import Outbound
 
 
 @dataclass
@@ -23,6 +27,9 @@ class Route:
     # The service honours Idempotency-Key (shared.mesh.discovery.honours_idempotency_key):
     # a request carrying one may be resent like an idempotent one.
     idempotency_key: bool = False
+    # mTLS to its instances (shared.mesh.mtls.Outbound): our leaf presented, the server's
+    # proven to be an instance of `name`. None: plain (an app on this host, or mtls off).
+    tls: Outbound | None = None
 
 
 @dataclass

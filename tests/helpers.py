@@ -9,6 +9,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -323,6 +324,20 @@ class ConsulDevAgent:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+
+    def identity(self, service: str) -> ssl.SSLContext:
+        """A client TLS context presenting a Connect leaf of `service` (fetched with the
+        management token): what a sidecar of that service presents."""
+        leaf = self.get(f"/v1/agent/connect/ca/leaf/{service}", token=self.token)
+        roots = self.get("/v1/agent/connect/ca/roots")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.load_verify_locations(cadata="".join(r["RootCert"] for r in roots["Roots"]))
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as pem:  # test keys only
+            pem.write(leaf["CertPEM"] + leaf["PrivateKeyPEM"])
+            pem.flush()
+            context.load_cert_chain(pem.name)
+        return context
 
     def checks(self, service: str) -> dict[str, str]:
         """{service ID: check status} in the catalog for one service."""

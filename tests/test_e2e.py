@@ -3,6 +3,9 @@ the supervisor on an embedded PostgreSQL and a real Consul agent, driven through
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
 from tests.helpers import wait_for
@@ -56,6 +59,37 @@ def test_register_login_items_with_owner_profiles(stack):
     # Swagger's document lists both services' endpoints.
     status, doc = call(p, "GET", "/api-docs/openapi.json")
     assert "/api/v1/auth/login" in doc["paths"] and "/api/v1/example/items" in doc["paths"]
+
+    # Intentions: example -> auth denied, auth's sidecar refuses example's open connection
+    # on its next request (403) and example answers 503 in its error shape within 2 s;
+    # allowed again, it works. Every owner is new, so no cached profile answers for auth.
+    owners = [user(p, f"owner{n}@example.com", f"Owner {n}")[1] for n in range(12)]
+    assert call(p, "POST", "/api/v1/example/items", {"title": "allowed"}, token=owners.pop())[0] == 201
+    denied_at, answers = time.monotonic(), []  # from the command, start-up included
+    p.cli("intentions", "deny", "example", "auth", check=True)
+    while owners and time.monotonic() - denied_at < 5:
+        status, body = call(p, "POST", "/api/v1/example/items", {"title": "denied?"}, token=owners.pop())
+        answers.append(status)
+        if status == 503:
+            shaped(status, body, 503)
+            break
+        time.sleep(0.1)
+    took = time.monotonic() - denied_at
+    print(f"example -> auth denied: 503 after {took:.2f}s ({answers})")
+    assert answers[-1] == 503 and took <= 2.0, answers
+
+    def refused() -> bool:  # by auth's sidecar itself (its access log is written in batches)
+        return any('"status":403' in line for path in (p.state_dir / "logs").glob("auth.*.sidecar.log")
+                   for line in path.read_text().splitlines())
+
+    wait_for(refused, 3, what="auth's sidecar logged the 403")
+    listed = p.cli("intentions", check=True).stdout
+    assert re.search(r"example\s+auth\s+deny", listed) and re.search(r"\*\s+\*\s+deny", listed), listed
+    allowed_at = time.monotonic()
+    p.cli("intentions", "allow", "example", "auth", check=True)
+    wait_for(lambda: call(p, "POST", "/api/v1/example/items", {"title": "allowed"}, token=ada_token)[0] == 201,
+             2.5, interval=0.1, what="example -> auth allowed again")
+    print(f"example -> auth allowed again: 201 after {time.monotonic() - allowed_at:.2f}s")
 
     # auth stopped: example answers a clear 503 for what needs auth, never a 500. Carol's
     # profile was never fetched by example, so no cache can answer for auth.

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import time
 import urllib.request
 
@@ -34,10 +35,10 @@ def make_stack(agent):
         p.cleanup()
 
 
-def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+def get(url: str, headers: dict | None = None, tls: ssl.SSLContext | None = None) -> tuple[int, dict, bytes]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=10, context=tls) as resp:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
@@ -280,12 +281,13 @@ def test_sidecars_and_apps_on_this_host_are_reached_through_unix_sockets(make_st
     # The app killed and restarted on the same socket path. Asked directly (the gateway
     # drops the route while the app is down), the sidecar finds the socket refused while
     # the app is away and goes to TCP, and back to the socket SOCKET_RETRY (5 s) later.
-    sidecar_url = f"http://127.0.0.1:{agent.passing('sock')[0]['Port']}/x"
+    sidecar_url = f"https://127.0.0.1:{agent.passing('sock')[0]['Port']}/x"  # mTLS, as the gateway
+    as_gateway = agent.identity("gateway")
     app = next(r for r in p.rows("sock") if r["role"] == "app")
     os.kill(app["pid"], signal.SIGKILL)
     seen, deadline = [], time.monotonic() + 15
     while time.monotonic() < deadline and (not seen or seen[-1] != "unix"):
-        status, _, body = get(sidecar_url)
+        status, _, body = get(sidecar_url, tls=as_gateway)
         seen.append(json.loads(body)["via"] if status == 200 else status)
         time.sleep(0.02)
     assert seen[-1] == "unix", seen[-5:]

@@ -169,7 +169,10 @@ def test_50mb_bodies_stream_through_inbound_and_upstream(make_mesh, agent):
     p = make_mesh({"backend": "instances = 1", "client": 'upstreams = ["backend"]'})
     p.start()
     rows = rows_by_process(p)
-    inbound = f"http://127.0.0.1:{rows['backend.1.sidecar']['port']}"
+    # The public listener takes mTLS only: asked as the client service (allowed: it has
+    # backend among its upstreams).
+    inbound = f"https://127.0.0.1:{rows['backend.1.sidecar']['port']}"
+    as_client = agent.identity("client")
     upstream = environ(rows["client.1"]["pid"])["UPSTREAM_BACKEND_URL"]
     size = 50 * 1024 * 1024
     body = os.urandom(1 << 20) * 50
@@ -179,13 +182,14 @@ def test_50mb_bodies_stream_through_inbound_and_upstream(make_mesh, agent):
     peak = [0, 0]
 
     async def transfer(url: str):
+        tls = as_client if url.startswith("https") else None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-            async with session.post(f"{url}/upload", data=body) as resp:
+            async with session.post(f"{url}/upload", data=body, ssl=tls) as resp:
                 assert resp.status == 200, (resp.status, await resp.text())
                 got = await resp.json()
                 assert got["length"] == size and got["sha256"] == expected
             digest, length = hashlib.sha256(), 0
-            async with session.get(f"{url}/bytes/{size}") as resp:
+            async with session.get(f"{url}/bytes/{size}", ssl=tls) as resp:
                 assert resp.status == 200, (resp.status, await resp.text())
                 async for chunk in resp.content.iter_chunked(1 << 20):
                     digest.update(chunk)

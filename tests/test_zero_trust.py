@@ -112,7 +112,6 @@ def test_a_fake_instance_gets_no_request(mesh, agent):
 
 
 def test_plain_and_foreign_clients_reach_no_app(mesh, agent, tmp_path):
-    p = mesh
     wait_for(lambda: len(agent.passing("api")) == 1, 10, what="api registered")
     instance = agent.passing("api")[0]
     port, unix_socket = instance["Port"], instance["Meta"]["unix_socket"]

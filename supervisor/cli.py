@@ -139,6 +139,8 @@ def _print_table(report: dict, problems: bool = True) -> None:
     for row in report["processes"]:
         if row["reason"]:
             click.echo(f"{row['process']}: {row['reason']}")
+        for problem in row.get("mesh_problems") or ():
+            click.echo(f"{row['process']}: {problem}")
     for problem in sup["problems"] if problems else []:
         click.echo(f"problem: {problem}")
 

@@ -216,4 +216,4 @@ class Daemon:
         return await verbs.restart(self, target)
 
     async def refresh_consul_health(self) -> None:
-        await self.sampler.refresh_consul_health()
+        await asyncio.gather(self.sampler.refresh_consul_health(), self.sampler.refresh_mesh_problems())

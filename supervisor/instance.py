@@ -43,6 +43,7 @@ class Instance:
         self.processes = processes
         self.service_id = service_id
         self.consul_health = ""
+        self.mesh_problems: list[str] = []  # what its sidecar reports (identity, authorization)
         if len(processes) == 2:
             app, sidecar = processes
             app.exit_listeners.append(lambda _: sidecar.send_signal(signal.SIGUSR1))
@@ -76,7 +77,8 @@ class Instance:
     def status(self) -> list[dict]:
         return [
             {"service": self.service.name, "instance": self.index, "service_id": self.service_id,
-             "consul": self.consul_health, **proc.status()}
+             "consul": self.consul_health, "mesh_problems": self.mesh_problems if proc is self.processes[-1] else [],
+             **proc.status()}
             for proc in self.processes
         ]
 

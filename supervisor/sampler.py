@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
+
 from supervisor.config import ConsulSettings
 from supervisor.infra import consul as consul_infra
+from supervisor.instance import Instance
 from supervisor.process import Process
 from supervisor.service import ServiceGroup
 
@@ -46,6 +49,26 @@ class Sampler:
                 # Consul is only worth flagging for instances that have a sidecar.
                 missing = "absent" if instance.service.sidecar else ""
                 instance.consul_health = checks.get(instance.service_id, missing)
+
+    async def refresh_mesh_problems(self) -> None:
+        """What each sidecar reports wrong with its mesh side (its Connect identity kept
+        from the last good fetch, the agent unable to authorize callers), asked of its
+        admin listener when `status` is asked, not on every sample."""
+        sidecars = [i for g in self.groups.values() for i in g.instances.values()
+                    if i.service.sidecar and i.ports.admin]
+        if not sidecars:
+            return
+        timeout = aiohttp.ClientTimeout(total=1)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            await asyncio.gather(*(self._ask_problems(session, i) for i in sidecars))
+
+    @staticmethod
+    async def _ask_problems(session: aiohttp.ClientSession, instance: Instance) -> None:
+        try:
+            async with session.get(f"http://127.0.0.1:{instance.ports.admin}/status") as resp:
+                instance.mesh_problems = list((await resp.json()).get("problems") or ())
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
+            instance.mesh_problems = []  # not up (yet): its process state says so already
 
     def all_processes(self) -> list[Process]:
         procs = list(self.infra)

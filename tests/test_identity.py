@@ -17,10 +17,10 @@ from shared.mesh.identity import Identity, service_of
 from tests.consul_testing import dev_agent  # noqa: F401  (fixture)
 
 
-async def rotate_ca(client) -> None:
+async def rotate_ca(client, key: ec.EllipticCurvePrivateKey | None = None) -> None:
     """A new root key for the built-in CA: Consul makes a root for it, cross-signs it with
     the old one and keeps both in the bundle (the documented rotation)."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                             serialization.NoEncryption()).decode()
     reply = await call(client, "PUT", "/v1/connect/ca/configuration",
@@ -141,4 +141,67 @@ async def test_ca_rotation_is_followed_and_open_connections_survive(dev_agent): 
         server.close()
         for identity in (auth, example):
             await identity.stop()
+        await client.close()
+
+
+def _leaf_signed_by(root_pem: str, root_key, uri: str, days_from: int, days_to: int) -> tuple[bytes, bytes]:
+    """A leaf for `uri` signed by the CA's own key, valid from/to these days from now."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    root = x509.load_pem_x509_certificate(root_pem.encode())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "example")]))
+            .issuer_name(root.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now + datetime.timedelta(days=days_from))
+            .not_valid_after(now + datetime.timedelta(days=days_to))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+            # Consul's roots carry a key identifier of their own making: point at it.
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value), critical=False)
+            .sign(root_key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+async def test_an_expired_client_certificate_of_our_ca_is_refused(dev_agent, tmp_path):  # noqa: F811
+    """With a CA key of our own (set through the rotation API) a leaf can be made that
+    chains to a trusted root: refused once expired, accepted while valid (the control)."""
+    (auth,), client = await _identities(dev_agent.address, "auth")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    await rotate_ca(client, ca_key)
+    server = None
+    try:
+        for _ in range(100):
+            roots = (await call(client, "GET", "/v1/agent/connect/ca/roots")).json()
+            active = next(r for r in roots["Roots"] if r["Active"])
+            if auth.roots_watch.roots and active["ID"] in auth.roots_watch.roots.ids:
+                break
+            await asyncio.sleep(0.1)
+        server, port, peers = await _serve(auth)
+        uri = f"spiffe://{auth.trust_domain}/ns/default/dc/dc1/svc/example"
+        outcomes = {}
+        for name, (start, end) in {"expired": (-3, -1), "valid": (-1, 1)}.items():
+            cert, key = _leaf_signed_by(active["RootCert"], ca_key, uri, start, end)
+            (tmp_path / f"{name}.pem").write_bytes(cert + key)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.load_verify_locations(cadata="\n".join(auth.roots_watch.roots.pems))
+            context.load_cert_chain(tmp_path / f"{name}.pem")
+            try:
+                outcomes[name] = (await _roundtrip(port, context))[0]
+            except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+                outcomes[name] = b""
+        assert outcomes == {"expired": b"", "valid": b"ping"}, outcomes
+        assert peers == ["example"], "only the valid one got through"
+    finally:
+        if server is not None:
+            server.close()
+        await auth.stop()
         await client.close()

@@ -3,7 +3,7 @@
 One keep-alive client connection and one pooled instance connection with stand-in
 transports (their write() keeps nothing): each round feeds a small GET into the client
 side and a small JSON response into the instance side, the path a real request takes
-through shared/mesh/relay.py, minus the syscalls. Measured with the gateway's settings and the
+through the relay (shared/mesh/relay/), minus the syscalls. Measured with the gateway's settings and the
 sidecar's, then with one feature switched off at a time, so each feature's cost is the
 difference from the full run measured in the same process. Best of several repeats (the
 least disturbed by this noisy machine).
@@ -21,7 +21,8 @@ import time
 import uvloop
 
 from shared.mesh.balancing import Balancer
-from shared.mesh.relay import Relay, RelaySettings, Route, UpstreamSide
+from shared.mesh.relay import Relay, RelaySettings, Route
+from shared.mesh.relay.upstream import UpstreamSide
 from shared.mesh.telemetry import AccessLog, RelayMetrics
 
 REQUEST = b"GET /api/v1/bench/ HTTP/1.1\r\nHost: 127.0.0.1:3000\r\nUser-Agent: wrk\r\n\r\n"
@@ -76,7 +77,7 @@ async def per_request(settings: RelaySettings, request: bytes, access_log: bool,
     relay = Relay(settings, lambda method, target: route, RelayMetrics("bench"), log)
     client = relay.protocol()
     client.connection_made(StandIn())
-    upstream = UpstreamSide(relay, balancer.backends[0])
+    upstream = UpstreamSide(balancer.backends[0])
     upstream.connection_made(StandIn())
     balancer.backends[0].idle.append(upstream)
     best = float("inf")

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 import shared.mesh.balancing as balancing
-from shared.mesh.balancing import Backend, Balancer
+from shared.mesh.balancing import Backend, Balancer, Lease
 
 
 @pytest.fixture
@@ -185,3 +185,41 @@ def test_update_to_empty_removes_everything():
     b.update([])
     assert b.backends == [] and b.pick() is None
     assert all(o.removed for o in olds) and all(c.closed for c in conns)
+
+
+# -- leases: the only way the relay changes an instance's counts ----------------------
+
+
+def test_a_lease_holds_an_instance_until_it_is_settled_once():
+    b = make(1, eject_after=2, eject_for=60)
+    (k0,) = b.backends
+    lease = Lease()
+    for settle in (lease.succeeded, lease.failed, lease.released):
+        assert lease.take(b, k0) is lease and k0.inflight == 1
+        settle()
+        assert k0.inflight == 0
+        for again in (lease.succeeded, lease.failed, lease.released):
+            again()  # settling again is a no-op
+        assert k0.inflight == 0
+    assert k0.failures == 1 and b.ejected() == 0  # the one failure; the repeats counted nothing
+
+
+def test_a_success_resets_the_failures_and_a_release_gives_no_verdict():
+    b = make(1, eject_after=3)
+    (k0,) = b.backends
+    lease = Lease()
+    lease.take(b, k0).failed()
+    lease.take(b, k0).failed()
+    lease.take(b, k0).released()
+    assert k0.failures == 2
+    lease.take(b, k0).succeeded()
+    assert k0.failures == 0 and k0.inflight == 0
+
+
+def test_a_lease_is_not_taken_again_before_it_is_settled():
+    b = make(2)
+    k0, k1 = b.backends
+    lease = Lease().take(b, k0)
+    with pytest.raises(RuntimeError):
+        lease.take(b, k1)
+    assert (k0.inflight, k1.inflight) == (1, 0)

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 relay (shared/mesh/relay.py), run in-process against small local backends.
+"""The HTTP/1.1 relay (shared/mesh/relay/), run in-process against small local backends.
 
 Backends are aiohttp apps, or raw asyncio servers where exact bytes matter; clients are
 aiohttp sessions, or raw sockets for malformed input, pipelining, half-close and HEAD.
@@ -25,7 +25,7 @@ from aiohttp import web
 from shared.mesh import local
 from shared.mesh.balancing import Balancer
 from shared.mesh.meta import InstanceMeta
-from shared.mesh import relay as relay_module
+from shared.mesh.relay import pool as relay_pool
 from shared.mesh.relay import MAX_HEAD, Relay, RelaySettings, Route
 from shared.mesh.telemetry import AccessLog, RelayMetrics
 
@@ -1760,7 +1760,7 @@ async def test_local_instance_is_reached_through_its_unix_socket():
 
 
 async def test_unreachable_unix_socket_falls_back_to_tcp_and_is_tried_again_later(monkeypatch):
-    monkeypatch.setattr(relay_module, "SOCKET_RETRY", 0.5)
+    monkeypatch.setattr(relay_pool, "SOCKET_RETRY", 0.5)
     late = local.socket_name("relay-test-late", random.randrange(1 << 30))
     async with tcp_and_unix_backend(local.socket_name("relay-test-other", random.randrange(1 << 30))) as (port, runner):
         route = announcing(port, late)

@@ -31,7 +31,7 @@ def match(table: list[tuple[bytes, Route]], target: bytes) -> Route | None:
         if target.startswith(prefix):
             rest = target[len(prefix):len(prefix) + 1]
             # == rather than `rest in b"/?"`: in Python 3.11 `bytes in bytes` builds and
-            # discards a TypeError first (see shared.mesh.relay), and this runs per request.
+            # discards a TypeError first (see shared.mesh.relay.http1), and this runs per request.
             if not rest or rest == b"/" or rest == b"?":
                 return route
     return None

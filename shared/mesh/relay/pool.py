@@ -33,6 +33,8 @@ SOCKET_RETRY = 5.0  # after a failed connect through an instance's Unix socket, 
 
 
 class Pool:
+    """One relay's connections to instances: taken idle, opened anew, put back after use."""
+
     __slots__ = ("keeping", "loop", "max_idle")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_idle: int) -> None:

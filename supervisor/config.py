@@ -6,6 +6,7 @@ message naming the file and the key, before any process starts.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tomllib
@@ -252,25 +253,14 @@ def _resolve_service(name: str, command: str, svc: ServiceSettings, file: FileSe
         file.restart,
         **{k: v for k, v in msgspec.structs.asdict(svc.restart).items() if v is not None},
     )
+    # What the file says as it is, copied (lists and tables too: a Service owns its own);
+    # what it leaves to the globals, resolved here.
+    given = {field: copy.copy(getattr(svc, field)) for field in Service.__struct_fields__
+             if field in ServiceSettings.__struct_fields__ and field not in ("stop_timeout", "start_timeout", "restart")}
     return Service(
         name=name,
         command=command,
-        instances=svc.instances,
-        route=svc.route,
-        health=svc.health,
-        ready=svc.ready,
-        openapi=svc.openapi,
-        database=svc.database,
-        database_url=svc.database_url,
-        upstreams=list(svc.upstreams),
-        env=dict(svc.env),
-        port=svc.port,
-        sidecar=svc.sidecar,
-        sidecar_env=dict(svc.sidecar_env),
-        idempotency_key=svc.idempotency_key,
-        app_socket=svc.app_socket,
-        version=svc.version,
-        drain_seconds=svc.drain_seconds,
+        **given,
         stop_timeout=svc.stop_timeout if svc.stop_timeout is not None else file.supervisor.stop_timeout,
         start_timeout=svc.start_timeout if svc.start_timeout is not None else file.supervisor.start_timeout,
         restart=policy,

@@ -227,7 +227,10 @@ class ConsulDevAgent:
     supervisor sets up its embedded agent), Connect on. Both have Connect's CA.
     """
 
-    def __init__(self, acl: bool = False) -> None:
+    def __init__(self, acl: bool = False, *, token: str = "", bare: bool = False) -> None:
+        """`token`: the management token to use (default: a new one). `bare`: ACLs as a
+        new cluster has them, before anyone set them up (no agent token, the anonymous
+        token with no rights): what the supervisor's bootstrap must do is left to it."""
         from supervisor.infra.consul import find_binary
 
         self.binary = find_binary(ROOT)
@@ -236,7 +239,8 @@ class ConsulDevAgent:
         self.dir = tempfile.mkdtemp(prefix="meshvisor-consul-")
         self.proc: subprocess.Popen | None = None
         self.acl = acl
-        self.token = str(uuid.uuid4()) if acl else ""
+        self.bare = bare
+        self.token = (token or str(uuid.uuid4())) if acl else ""
         if acl:
             ACL_TOKENS[self.address] = self.token
             self._write_config()
@@ -247,7 +251,8 @@ class ConsulDevAgent:
         wait_for(self.leader, timeout, interval=0.1, what="consul agent leader")
         if self.acl:
             wait_for(self._acl_ready, timeout, interval=0.1, what="consul ACLs")
-            self._allow_anonymous_reads()
+            if not self.bare:
+                self._allow_anonymous_reads()
 
     def launch(self) -> None:
         if self.acl:
@@ -267,7 +272,8 @@ class ConsulDevAgent:
                       "grpc": -1},
             "performance": {"raft_multiplier": 1}, "connect": {"enabled": True},
             "acl": {"enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
-                    "enable_token_persistence": True, "tokens": {"master": self.token, "agent": self.token}},
+                    "enable_token_persistence": True,
+                    "tokens": {"master": self.token} if self.bare else {"master": self.token, "agent": self.token}},
         }
         fd = os.open(os.path.join(self.dir, "agent.json"), os.O_WRONLY | os.O_CREAT, 0o600)
         with os.fdopen(fd, "w") as file:

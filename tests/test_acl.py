@@ -1,70 +1,26 @@
-"""supervisor.infra.acl against a real Consul server with ACLs on (default deny): the
+"""supervisor.infra.acl against a real Consul server with ACLs on (default deny, nothing set
+up yet): the
 bootstrap gives the agent, the anonymous user and each service exactly their rights, is
 idempotent, survives a lost token and keeps its secrets in 0600 files."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import stat
-import subprocess
-import tempfile
 
 import aiohttp
 import pytest
 
 from shared.mesh.consul import make_client
 from supervisor.infra.acl import Secrets, bootstrap
-from tests.helpers import ROOT, free_ports, wait_for
-
-
-class AclAgent:
-    """A one-node server with ACLs (default deny) and Connect, on free ports."""
-
-    def __init__(self, master: str) -> None:
-        from supervisor.infra.consul import find_binary
-
-        self.http, server, serf = free_ports(3)
-        self.address = f"127.0.0.1:{self.http}"
-        self.dir = tempfile.mkdtemp(prefix="meshvisor-acl-")
-        config = {
-            "datacenter": "dc1", "primary_datacenter": "dc1", "node_name": "acl-test", "server": True,
-            "bootstrap_expect": 1, "bind_addr": "127.0.0.1", "client_addr": "127.0.0.1", "data_dir": self.dir,
-            "ports": {"http": self.http, "dns": -1, "server": server, "serf_lan": serf, "serf_wan": -1, "grpc": -1},
-            "performance": {"raft_multiplier": 1}, "connect": {"enabled": True}, "log_level": "warn",
-            "acl": {"enabled": True, "default_policy": "deny", "enable_token_persistence": True,
-                    "tokens": {"master": master}},
-        }
-        path = os.path.join(self.dir, "agent.json")
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
-            json.dump(config, file)
-        self.proc = subprocess.Popen([find_binary(ROOT), "agent", "-config-file", path],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._leader, 30, interval=0.1, what="ACL agent leader")
-
-    def _leader(self) -> bool:
-        import urllib.request
-        try:
-            with urllib.request.urlopen(f"http://{self.address}/v1/status/leader", timeout=2) as resp:
-                return resp.read().strip() not in (b'""', b"")
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        subprocess.run(["rm", "-rf", self.dir], check=False)
+from tests.helpers import ConsulDevAgent
 
 
 @pytest.fixture
 def acl_agent(tmp_path):
     secrets = Secrets(tmp_path)
-    agent = AclAgent(secrets.management_token())
+    agent = ConsulDevAgent(acl=True, token=secrets.management_token(), bare=True)
+    agent.start()
     agent.secrets = secrets
     try:
         yield agent
@@ -109,7 +65,7 @@ async def test_bootstrap_gives_each_party_its_rights(acl_agent):
                 await asyncio.sleep(0.1)
             assert "auth" in await resp.json()
             async with session.get(f"http://{address}/v1/catalog/nodes") as resp:
-                assert [n["Node"] for n in await resp.json()] == ["acl-test"]  # the agent token works
+                assert [n["Node"] for n in await resp.json()] == [f"test-{acl_agent.http}"]  # the agent token works
             async with session.get(f"http://{address}/v1/acl/tokens") as resp:
                 assert resp.status == 403
 

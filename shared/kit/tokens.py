@@ -209,12 +209,9 @@ class TokenVerifier:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.jwks_url = jwks_url
-        self.issuer = issuer
-        self.audience = audience
-        self.min_refresh_interval = min_refresh_interval
-        self.cache_ttl = cache_ttl
-        self.leeway = leeway
-        self.fetch_timeout = fetch_timeout
+        # What a token must say, and how the keys are kept fresh (see the fetch policy).
+        self.issuer, self.audience, self.leeway = issuer, audience, leeway
+        self.min_refresh_interval, self.cache_ttl, self.fetch_timeout = min_refresh_interval, cache_ttl, fetch_timeout
         self._session_factory = session_factory or aiohttp.ClientSession
         self._session: aiohttp.ClientSession | None = None
         self._clock = clock

@@ -27,7 +27,7 @@ from typing import Any
 import consul.aio
 
 from shared.mesh.consul import Log, LogTarget, call, describe
-from shared.mesh.discovery import BlockingWatch
+from shared.mesh.watch import BlockingWatch
 
 LOGGER = "meshvisor.authorize"
 ASK_TIMEOUT = 2.0

@@ -20,13 +20,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from ssl import SSLContext
 from typing import Any
 
+import uvloop
+
+from shared.kit import log as logsetup
+from shared.kit.startup import exit_cleanly_if_it_cannot_listen
 from shared.mesh import local
 from shared.mesh.consul import make_client
+from shared.mesh.envstruct import InstanceSettings, SettingsError
 from shared.mesh.registration import Registration
 from shared.mesh.relay import Relay
 from shared.mesh.telemetry import AccessLog
@@ -147,3 +153,17 @@ class MeshEndpoint:
         await self.consul.close()
         self.log.info("stopped", extra={"fields": {"seconds": round(time.monotonic() - started, 2),
                                                    "cut_requests": not all(idle)}})
+
+
+def run_process(settings_class: type[InstanceSettings], run: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
+    """The entry point of a mesh process (`python -m sidecar`, `python -m services.gateway`):
+    its settings from the environment (a bad one: one line naming the variable, exit 2),
+    its JSON logging, `run(settings)` on uvloop (a port it cannot have: one line, exit 3)."""
+    try:
+        settings = settings_class.from_env()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    logsetup.setup(settings_class.component, settings.service, settings.instance)
+    with exit_cleanly_if_it_cannot_listen():
+        uvloop.run(run(settings))

@@ -32,7 +32,7 @@ import consul.aio
 import msgspec
 
 from shared.mesh.consul import LogTarget
-from shared.mesh.discovery import BlockingWatch
+from shared.mesh.watch import BlockingWatch
 
 LOGGER = "meshvisor.identity"
 

@@ -331,14 +331,19 @@ class ConsulDevAgent:
                 self.proc.wait()
             self.proc = None
 
-    def identity(self, service: str) -> ssl.SSLContext:
-        """A client TLS context presenting a Connect leaf of `service` (fetched with the
-        management token): what a sidecar of that service presents."""
+    def identity(self, service: str, *, server: bool = False, trust: str | None = None) -> ssl.SSLContext:
+        """A TLS context presenting a Connect leaf of `service` (fetched with the
+        management token): what a sidecar of that service presents. A client one trusts
+        `trust` (PEM), by default every root of the CA; a `server` one checks nobody."""
         leaf = self.get(f"/v1/agent/connect/ca/leaf/{service}", token=self.token)
-        roots = self.get("/v1/agent/connect/ca/roots")
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.load_verify_locations(cadata="".join(r["RootCert"] for r in roots["Roots"]))
+        if server:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        else:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            if trust is None:
+                trust = "".join(r["RootCert"] for r in self.get("/v1/agent/connect/ca/roots")["Roots"])
+            context.load_verify_locations(cadata=trust)
         with tempfile.NamedTemporaryFile("w", suffix=".pem") as pem:  # test keys only
             pem.write(leaf["CertPEM"] + leaf["PrivateKeyPEM"])
             pem.flush()

@@ -87,25 +87,20 @@ def test_agent_restart_loses_state_and_sidecars_register_again(plain_agent):
     # A dev agent (no ACLs, state in memory): a restart is an agent that lost everything.
     agent = plain_agent
     p = mesh_project(agent.address, {"api": "instances = 2"}, drain_seconds=1.0)
-    request_cleanup = p.cleanup
     try:
-        _restart_and_see_registrations_back(p, agent)
+        p.start()
+        before = {r["process"]: r["pid"] for r in p.rows()}
+        assert len(agent.passing("api")) == 2
+        agent.stop()
+        time.sleep(1)
+        agent.start()
+        back = time.monotonic()
+        assert agent.checks("api") == {}, "a dev agent forgets every registration"
+        wait_for(lambda: len(agent.passing("api")) == 2, 10, interval=0.1, what="registrations back")
+        print(f"both registrations back and passing {time.monotonic() - back:.1f}s after the agent restart")
+        assert {r["process"]: r["pid"] for r in p.rows()} == before, "no instance was touched"
     finally:
-        request_cleanup()
-
-
-def _restart_and_see_registrations_back(p: Project, agent) -> None:
-    p.start()
-    before = {r["process"]: r["pid"] for r in p.rows()}
-    assert len(agent.passing("api")) == 2
-    agent.stop()
-    time.sleep(1)
-    agent.start()
-    back = time.monotonic()
-    assert agent.checks("api") == {}, "a dev agent forgets every registration"
-    wait_for(lambda: len(agent.passing("api")) == 2, 10, interval=0.1, what="registrations back")
-    print(f"both registrations back and passing {time.monotonic() - back:.1f}s after the agent restart")
-    assert {r["process"]: r["pid"] for r in p.rows()} == before, "no instance was touched"
+        p.cleanup()
 
 
 async def _burst(url: str, total: int, concurrency: int, during=None):

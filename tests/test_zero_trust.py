@@ -8,7 +8,6 @@ import json
 import socket
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
@@ -50,17 +49,6 @@ class Fake:
         self.server.server_close()
 
 
-def _server_context(agent, service: str) -> ssl.SSLContext:
-    """A server presenting a real Connect leaf, of `service` (an insider with a token)."""
-    leaf = agent.get(f"/v1/agent/connect/ca/leaf/{service}", token=agent.token)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with tempfile.NamedTemporaryFile("w", suffix=".pem") as pem:
-        pem.write(leaf["CertPEM"] + leaf["PrivateKeyPEM"])
-        pem.flush()
-        context.load_cert_chain(pem.name)
-    return context
-
-
 def _get(url: str, tls: ssl.SSLContext | None = None) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=10, context=tls) as resp:
@@ -84,7 +72,7 @@ def test_a_fake_instance_gets_no_request(mesh, agent):
     wait_for(lambda: len(agent.passing("api")) == 1, 10, what="api registered")
     fake_registration = {"ID": "api-fake", "Name": "api", "Address": "127.0.0.1", "Meta": {"route": "/api/v1/api"},
                          "Connect": {"Native": True}}
-    plain, intruder = Fake(), Fake(_server_context(agent, "intruder"))
+    plain, intruder = Fake(), Fake(agent.identity("intruder", server=True))
     try:
         # The attack of the issue: register a fake `api` without a token. Consul says no.
         request = urllib.request.Request(f"http://{agent.address}/v1/agent/service/register", method="PUT",
@@ -187,14 +175,7 @@ def test_ca_rotation_under_load_loses_no_request(mesh, agent):
         assert {r["ID"] for r in roots["Roots"]} >= old_roots, "the old root stays trusted"
 
         def serves_new_leaf() -> bool:  # a client trusting only the new root gets through
-            only_new = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            only_new.check_hostname = False
-            only_new.load_verify_locations(cadata=new_root["RootCert"])
-            leaf = agent.get("/v1/agent/connect/ca/leaf/gateway", token=agent.token)
-            with tempfile.NamedTemporaryFile("w", suffix=".pem") as pem:
-                pem.write(leaf["CertPEM"] + leaf["PrivateKeyPEM"])
-                pem.flush()
-                only_new.load_cert_chain(pem.name)
+            only_new = agent.identity("gateway", trust=new_root["RootCert"])
             try:
                 return _get(f"https://127.0.0.1:{port}/x", only_new)[0] == 200
             except (ssl.SSLError, OSError):

@@ -112,6 +112,9 @@ class Authorizer:
             decision = Decision(uri)
             try:
                 await self._ask(decision, serial)
+            except BaseException:
+                pending.cancel()  # cancelled: the connections waiting on it are not left waiting
+                raise
             finally:
                 del self._pending[uri]
             if self.problem == "":  # an answer from the agent: keep it

@@ -3,7 +3,7 @@ bundle, followed through Consul, turned into TLS contexts for mTLS between mesh 
 
 - The leaf (`/v1/agent/connect/ca/leaf/<service>`, needs service:write: the process's own
   ACL token) and the roots (`/v1/agent/connect/ca/roots`) are each followed with a
-  blocking query (shared.mesh.discovery's loop): the agent answers again when it renewed
+  blocking query (shared.mesh.watch's loop): the agent answers again when it renewed
   the leaf (at 60-90 % of its lifetime) or the roots changed (a CA rotation).
 - Every root of the bundle is trusted, not only the active one: a root rotated out stays
   valid for the leaves it signed until they expire, and peers renew at their own pace.
@@ -42,7 +42,7 @@ class Leaf(msgspec.Struct, frozen=True):
     uri: str
     serial: str
     cert_pem: str
-    key_pem: str = msgspec.field(default="")
+    key_pem: str = ""
     valid_before: str = ""
 
     def __repr__(self) -> str:  # never show key material

@@ -26,7 +26,7 @@ from typing import Any
 import httptools
 
 from shared.mesh.authorize import Authorizer, Decision
-from shared.mesh.identity import Identity, peer_uri
+from shared.mesh.identity import Identity, peer_uri, service_of
 
 # A connection whose peer is not of our trust domain: never asked, always refused.
 FOREIGN = Decision("")
@@ -55,7 +55,7 @@ class Inbound:
         `decided(decision)` follows then (unless the connection closed meanwhile)."""
         ssl_object = transport.get_extra_info("ssl_object")
         uri = peer_uri(ssl_object)
-        if not self.identity.peer_service(ssl_object):
+        if not service_of(uri, self.identity.trust_domain):
             return FOREIGN
         known = self.authorizer.known(uri)
         if known is not None:

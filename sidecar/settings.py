@@ -38,8 +38,8 @@ class SidecarSettings(InstanceSettings, kw_only=True):
 
     component: ClassVar[str] = "sidecar"
 
-    # Where the public listener binds and what Consul advertises.
-    host: Annotated[str, Var("SIDECAR_HOST")] = "127.0.0.1"
+    # Where the public listener binds and what Consul advertises ([supervisor] advertise).
+    host: Annotated[str, Var("SIDECAR_HOST", supervisor=True)] = "127.0.0.1"
     port: Annotated[int, Var("SIDECAR_PORT", supervisor=True)]  # public listener (what Consul registers)
     app_port: Annotated[int, Var("APP_PORT", supervisor=True)]  # the app, on 127.0.0.1
     # And on this Unix socket path, if not "" (the service's app_socket).

@@ -35,7 +35,10 @@ class InstanceBuilder:
         self.logs = logs
         self.pids = pids
         self.say = say
-        self.ports = PortAllocator(config.supervisor.host, *config.supervisor.port_range)
+        sup = config.supervisor
+        # A port must be free where the apps listen (loopback) and where the sidecars do.
+        self.ports = PortAllocator(sup.host, *sup.port_range,
+                                   also=(sup.advertise,) if sup.advertise != sup.host else ())
         self.node = node_name(config.consul.node_name)
         # Filled in once PostgreSQL has provisioned the services' databases.
         self.database_urls: dict[str, str] = {}
@@ -107,6 +110,8 @@ class InstanceBuilder:
                 # An app that registers itself (the gateway) uses this ID, so that status
                 # can show its Consul health like a sidecar's, and its service's token.
                 env["SERVICE_ID"] = sid
+                # Its mesh listener for the other hosts, beside 127.0.0.1 (HOST).
+                env["MESH_ADVERTISE"] = self.config.supervisor.advertise
                 if token := self.consul_token(service):
                     env["CONSUL_HTTP_TOKEN"] = token
                 if admin is not None:  # instances share `port`; each answers on its own too
@@ -132,7 +137,7 @@ class InstanceBuilder:
         if token := self.consul_token(service):
             sidecar_env["CONSUL_HTTP_TOKEN"] = token
         sidecar = self.make_process(sidecar_spec(service, index, ports, sid, sidecar_env, cwd,
-                                                 app_socket=app_socket))
+                                                 app_socket=app_socket, host=self.config.supervisor.advertise))
         return Instance(service, index, ports, [app, sidecar], sid)
 
     def app_socket(self, service: Service, app_port: int) -> str:

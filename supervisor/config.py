@@ -15,6 +15,8 @@ from pathlib import Path
 import msgspec
 
 from sidecar.settings import SidecarSettings
+from supervisor.config_hosts import port_of as _port_of
+from supervisor.config_hosts import validate_hosts
 from supervisor.procfile import ProcfileError, parse_procfile
 
 CONFIG_FILE = "config/meshvisor.toml"
@@ -63,6 +65,9 @@ class RestartOverride(_Strict):
 class SupervisorSettings(_Strict):
     state_dir: str = ".state"
     host: str = "127.0.0.1"
+    # This host's address as the other hosts see it: sidecars and gateways take mesh
+    # traffic on it and register it in Consul (apps stay on 127.0.0.1).
+    advertise: str = "127.0.0.1"
     # Ports handed to instances are taken from this range (inclusive).
     port_range: tuple[int, int] = (20000, 20999)
     stop_timeout: float = 10.0
@@ -74,11 +79,17 @@ class SupervisorSettings(_Strict):
 class ConsulSettings(_Strict):
     mode: str = "embedded"  # "embedded" runs an agent; "external" uses one at `address`
     address: str = "127.0.0.1:8500"
-    join: list[str] = []
+    # Embedded agent across hosts: a few "server"s hold the catalog (Raft, every one with
+    # the same bootstrap_expect); every other host runs a "client". See the README.
+    role: str = "server"
+    bootstrap_expect: int = 1
+    join: list[str] = []  # agents to join (retried until one answers)
     token: str = ""
     datacenter: str = "dc1"
-    node_name: str = ""
+    node_name: str = ""  # default: the host name; must differ per host
     bind: str = "127.0.0.1"  # cluster (serf/RPC) address; a routable one when joining others
+    advertise: str = ""  # the address the others use, when `bind` is not it (NAT)
+    encrypt: str = ""  # gossip key (`supervisor keygen`): required when `bind` is not loopback
     server_port: int = 8300
     serf_lan_port: int = 8301
     serf_wan_port: int = 8302
@@ -108,6 +119,14 @@ class PostgresSettings(_Strict):
     # embedded: folder of initdb/postgres; default the newest /usr/lib/postgresql/*/bin.
     bin_dir: str = ""
     start_timeout: float = 60.0
+    # embedded: also listen on this address (this host's advertise address), for the
+    # other hosts' services; they log in with passwords, from `allow` (CIDRs) only.
+    listen: str = ""
+    allow: list[str] = []
+    # peer: the embedded server of another host of this cluster, at `address`
+    # (HOST:PORT); it makes the roles, whose passwords every host derives from the
+    # cluster's management token (needs [consul] acl).
+    address: str = ""
 
 
 class ServiceSettings(_Strict):
@@ -298,8 +317,9 @@ def _validate(config: Config, file: FileSettings, commands: dict[str, str], show
     consul_port = _port_of(config.consul.address)
     if consul_port is None:
         fail("consul.address", f"'{config.consul.address}' is not HOST:PORT")
-    if config.postgres.mode not in ("embedded", "external"):
-        fail("postgres.mode", f"'{config.postgres.mode}' is neither 'embedded' nor 'external'")
+    if config.postgres.mode not in ("embedded", "external", "peer"):
+        fail("postgres.mode", f"'{config.postgres.mode}' is not one of 'embedded', 'external', 'peer'")
+    validate_hosts(config.supervisor, config.consul, config.postgres, fail)
     if config.postgres.mode == "external" and not config.postgres.dsn:
         needing = [s.name for s in config.services.values() if s.database and not s.database_url]
         if needing:
@@ -390,13 +410,6 @@ def _validate_restart(policy: RestartPolicy, key: str, fail) -> None:
         fail(f"{key}.max_retries", "must be at least 1")
     if policy.stable_after <= 0:
         fail(f"{key}.stable_after", "must be greater than 0")
-
-
-def _port_of(address: str) -> int | None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        return None
-    return int(port)
 
 
 def _convert_file(raw: dict, shown: str) -> FileSettings:

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import signal
 import sys
 import time
+
+import aiohttp
 
 from supervisor import state, verbs
 from supervisor.builder import InstanceBuilder
@@ -29,7 +32,7 @@ from supervisor.infra import consul as consul_infra
 from supervisor.infra import postgres as postgres_infra
 from supervisor.logs import LogFiles, Printer
 from supervisor.ports import ephemeral_overlap, ephemeral_range
-from supervisor.process import Process, ProcessSpec
+from supervisor.process import Process, ProcessSpec, State
 from supervisor.sampler import Sampler
 from supervisor.service import ServiceGroup
 from supervisor.watchdog import Watchdog
@@ -86,6 +89,7 @@ class Daemon:
                          f"[{overlap[0]}, {overlap[1]}] (net.ipv4.ip_local_port_range): an outgoing "
                          f"connection may take an instance's port while it restarts; move the range below "
                          f"{ephemeral_range()[0]} or reserve it with net.ipv4.ip_local_reserved_ports")
+            self._warn_about_readable_secrets()
             code = await self._serve()
         finally:
             await self._shutdown()
@@ -95,6 +99,17 @@ class Daemon:
             self.logs.close()
             lock.release()
         return code
+
+    def _warn_about_readable_secrets(self) -> None:
+        consul = self.config.consul
+        held = [key for key, value in (("consul.token", consul.token), ("consul.encrypt", consul.encrypt)) if value]
+        try:
+            mode = self.config.config_path.stat().st_mode
+        except OSError:
+            return
+        if held and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            self.say(f"warning: {self.config.config_path} holds {' and '.join(held)} but others may read it "
+                     f"(mode {stat.S_IMODE(mode):04o}): chmod 600 it")
 
     async def _serve(self) -> int:
         bring_up = asyncio.create_task(self._bring_up())
@@ -128,11 +143,16 @@ class Daemon:
         env = self.builder.base_env()
         consul = self.config.consul
         if consul.mode == "embedded":
-            if consul.acl:
+            if consul.acl and not consul.token:
                 # The supervisor's own token from now on (status, intentions): the
-                # management token, made on the first start, kept in the state dir.
+                # management token, made on the first start, kept in the state dir. A
+                # cluster's hosts are given theirs in [consul] token (config_hosts.py).
                 consul.token = acl.Secrets(self.state_dir).management_token()
-            await self._start_infra(consul_infra.spec(self.config, env, consul.token), consul.start_timeout)
+            await self._start_consul(consul_infra.spec(self.config, env, consul.token))
+            try:
+                await consul_infra.check_one_cluster(consul.address, consul.token, joining=bool(consul.join))
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise InfraError(f"cannot ask the Consul agent about its cluster: {exc}") from None
         else:
             await consul_infra.wait_for_external(consul.address, consul.token, consul.start_timeout)
         await self._prepare_mesh()
@@ -143,7 +163,8 @@ class Daemon:
             await postgres_infra.initdb(layout, self.logs.log("postgres"))
             await self._start_infra(postgres_infra.spec(self.config, layout, env), self.config.postgres.start_timeout)
         try:
-            self.builder.database_urls = await postgres_infra.provision(self.config, layout)
+            self.builder.database_urls = await postgres_infra.provision(
+                self.config, layout, consul.token if consul.acl else "")
         except (OSError, asyncio.TimeoutError) as exc:
             raise InfraError(f"cannot reach PostgreSQL to create the service databases: {exc}") from None
         except Exception as exc:  # asyncpg.PostgresError and friends
@@ -168,6 +189,25 @@ class Daemon:
         self.builder.service_tokens = tokens
         if written:
             self.say("intentions written: " + ", ".join(written))
+
+    async def _start_consul(self, spec: ProcessSpec) -> None:
+        """A server must have a leader within [consul] start_timeout; a client waits for
+        the cluster's servers as long as it takes (a host may boot before them), saying so."""
+        consul = self.config.consul
+        if consul.role == "server":
+            await self._start_infra(spec, consul.start_timeout)
+            return
+        proc = self.builder.make_process(spec)
+        self.infra.append(proc)
+        self.say(f"starting consul (client of {', '.join(consul.join)})")
+        proc.start()
+        patience = 5.0
+        while not await proc.wait_settled(patience):
+            patience = 30.0
+            if proc.state == State.FATAL:
+                raise InfraError(f"consul did not come up: {proc.reason} (see {self.state_dir}/logs/consul.log)")
+            self.say(f"consul: no server with a leader reachable yet through {', '.join(consul.join)}; waiting")
+        self.say("consul is up (joined)")
 
     async def _start_infra(self, spec: ProcessSpec, timeout: float) -> None:
         proc = self.builder.make_process(spec)

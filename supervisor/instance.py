@@ -128,10 +128,10 @@ def app_spec(service: Service, index: int, port: int, env: dict[str, str], cwd: 
 
 
 def sidecar_spec(service: Service, index: int, ports: InstancePorts, service_id: str,
-                 env: dict[str, str], cwd: str, app_socket: str = "") -> ProcessSpec:
+                 env: dict[str, str], cwd: str, app_socket: str = "", host: str = "127.0.0.1") -> ProcessSpec:
     assert ports.admin is not None
     settings = SidecarSettings(
-        service=service.name, index=index, service_id=service_id,
+        service=service.name, index=index, service_id=service_id, host=host,
         port=ports.public, app_port=ports.app, admin_port=ports.admin, upstreams=ports.upstreams,
         app_socket=app_socket,  # "": the app listens on APP_PORT only
         health=service.health, route=service.route, openapi=service.openapi, version=service.version,

@@ -18,8 +18,8 @@ class PortsExhausted(Exception):
 
 
 class PortAllocator:
-    def __init__(self, host: str, low: int, high: int) -> None:
-        self.host = host
+    def __init__(self, host: str, low: int, high: int, also: tuple[str, ...] = ()) -> None:
+        self.hosts = (host, *also)
         self.low, self.high = low, high
         self._taken: set[int] = set()
         self._cursor = low
@@ -29,7 +29,7 @@ class PortAllocator:
         for _ in range(size):
             port = self._cursor
             self._cursor = self.low if port >= self.high else port + 1
-            if port not in self._taken and is_free(self.host, port):
+            if port not in self._taken and all(is_free(host, port) for host in self.hosts):
                 self._taken.add(port)
                 return port
         raise PortsExhausted(f"no free port left in [{self.low}, {self.high}]")

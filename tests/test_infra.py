@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import stat
 import urllib.request
 
 import asyncpg
 import pytest
 
+from supervisor.infra import postgres as postgres_infra
 from tests.helpers import PROGRAMS, PY, Project, alive, free_ports, free_range
 
 
@@ -79,8 +79,11 @@ def test_embedded_consul_and_postgres(stack):
     assert f"@127.0.0.1:{p.pg}/auth?application_name=auth.1" in env_auth["DATABASE_URL"]
     assert "application_name=shop.2" in env_shop["DATABASE_URL"]
     assert env_auth["CONSUL_HTTP_ADDR"] == f"127.0.0.1:{p.http}"
-    creds = p.state_dir / "postgres" / "credentials.json"
-    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    # With ACLs the password is derived from the management token (every host of a
+    # cluster computes the same one); nothing is written beside it.
+    token = (p.state_dir / "secrets" / "consul-management-token").read_text().strip()
+    assert f"auth:{postgres_infra.derived_password(token, 'auth')}@" in env_auth["DATABASE_URL"]
+    assert not (p.state_dir / "postgres" / "credentials.json").exists()
 
     async def check():
         conn = await asyncpg.connect(env_auth["DATABASE_URL"])

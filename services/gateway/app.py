@@ -118,10 +118,15 @@ class Gateway:
                 self.route_for, self.metrics, self.access_log,
             )
             await endpoint.listen(relay, s.host, s.port, reuse_port=s.reuse_port, backlog=2048)
-            log.info("gateway listening on %s:%s (own endpoints on 127.0.0.1:%s)", s.host, s.port, own)
+            registered = s.host if s.host != "0.0.0.0" else "127.0.0.1"
+            if s.advertise and s.advertise != registered and s.host != "0.0.0.0":
+                await endpoint.listen(relay, s.advertise, s.port, reuse_port=s.reuse_port, backlog=2048)
+                registered = s.advertise
+            log.info("gateway listening on %s:%s (own endpoints on 127.0.0.1:%s)",
+                     ", ".join(dict.fromkeys((s.host, registered))), s.port, own)
             if s.register:
                 endpoint.announce(
-                    service_id=s.service_id, name=s.service, address=s.host if s.host != "0.0.0.0" else "127.0.0.1",
+                    service_id=s.service_id, name=s.service, address=registered,
                     port=s.port, meta=InstanceMeta(instance=s.index, role="gateway").to_meta(),
                     check_url=f"http://127.0.0.1:{own}/health",
                 )

@@ -20,6 +20,9 @@ class GatewaySettings(InstanceSettings, kw_only=True):
     service: Annotated[str, Var("SERVICE_NAME", supervisor=True)] = "gateway"
     host: Annotated[str, Var("HOST")] = "127.0.0.1"  # bind address; 0.0.0.0 serves other machines
     port: Annotated[int, Var("PORT")] = 3000
+    # This host's address for the other hosts ([supervisor] advertise): the gateway also
+    # listens there and registers it, when it is not `host` already; "": `host` only.
+    advertise: Annotated[str, Var("MESH_ADVERTISE")] = ""
     # The gateway's own endpoints (/health, /metrics, /api-docs) on 127.0.0.1; 0: any free port.
     admin_port: Annotated[int, Var("ADMIN_PORT")] = 0
     reuse_port: Annotated[bool, Var("REUSE_PORT")] = False  # instances share `port`

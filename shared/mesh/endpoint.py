@@ -75,7 +75,8 @@ class MeshEndpoint:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(relay.protocol, host, port, reuse_port=reuse_port or None,
                                           backlog=backlog, ssl=ssl)
-        self.relays.append(relay)
+        if relay not in self.relays:  # one relay may serve several addresses
+            self.relays.append(relay)
         self.servers.append(server)
         return server
 

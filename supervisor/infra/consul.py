@@ -1,8 +1,13 @@
-"""The embedded Consul agent: a single-node server with the UI, data under the state dir.
+"""The embedded Consul agent: a server (alone, or one of a few) or a client of a
+cluster, with the UI, its data under the state dir.
 
-What must not show in `ps` (the ACL management token) and what the command line cannot
-say (ACLs, Connect, Raft timing) goes in a config file the supervisor writes into the
-agent's data dir, mode 0600, read with -config-file.
+Its settings (role, addresses, ports, the ACL management token, the gossip key) go in a
+config file the supervisor writes into the agent's data dir, mode 0600, read with
+-config-file: nothing secret shows in `ps`, and the command line stays one line.
+
+After the agent is up, `cluster_problem` checks that this host sees one cluster: two
+servers that each bootstrapped alone and were then joined keep two Raft groups (two
+leaders, two catalogs) while gossip shows them as one; the supervisor refuses to run so.
 """
 
 from __future__ import annotations
@@ -43,20 +48,44 @@ def find_binary(root: Path) -> str:
 
 
 def agent_settings(config: Config, management_token: str) -> dict:
-    """The agent's config file: Connect always (the mesh's CA), ACLs when configured."""
+    """The agent's whole config file: its role in the cluster, addresses and ports,
+    Connect always (the mesh's CA), ACLs when configured, the gossip key if given."""
+    c = config.consul
+    host, _, http_port = c.address.rpartition(":")
     settings: dict = {
-        "primary_datacenter": config.consul.datacenter,
+        "node_name": node_name(c.node_name),
+        "datacenter": c.datacenter,
+        "primary_datacenter": c.datacenter,
+        "data_dir": str(config.state_dir / "consul"),
+        "bind_addr": c.bind,
+        # The HTTP API (and UI) where [consul] address says: 127.0.0.1 unless told.
+        "client_addr": host.strip("[]"),
+        "ports": {"http": int(http_port), "dns": c.dns_port, "server": c.server_port,
+                  "serf_lan": c.serf_lan_port, "serf_wan": c.serf_wan_port},
+        "ui": True,
+        "log_level": "warn",
         "connect": {"enabled": True},
-        # One server elects itself: Raft's production timing (multiplier 5) only makes
-        # it wait ~8 s for peers it does not have. 1 is Consul's own advice for servers
-        # that are not starved of CPU.
-        "performance": {"raft_multiplier": 1},
+        "retry_join": list(c.join),
+        # A client leaves the cluster when stopped (its services go at once); a server
+        # stays a Raft peer through a restart, as Consul advises.
+        "leave_on_terminate": c.role == "client",
     }
-    if config.consul.acl:
+    if c.advertise:
+        settings["advertise_addr"] = c.advertise
+    if c.encrypt:
+        settings["encrypt"] = c.encrypt
+    if c.role == "server":
+        settings.update(server=True, bootstrap_expect=c.bootstrap_expect)
+        # Raft's production timing (multiplier 5) makes a lone server wait ~8 s for
+        # peers it does not have; 1 is Consul's own advice for servers not starved of CPU.
+        settings["performance"] = {"raft_multiplier": 1}
+    if c.acl:
         settings["acl"] = {
             "enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
-            "enable_token_persistence": True, "tokens": {"master": management_token},
+            "enable_token_persistence": True,
         }
+        if c.role == "server":
+            settings["acl"]["tokens"] = {"master": management_token}
     return settings
 
 
@@ -70,32 +99,15 @@ def write_agent_settings(path: Path, settings: dict) -> None:
 
 def spec(config: Config, env: dict[str, str], management_token: str = "") -> ProcessSpec:
     c = config.consul
-    host, _, http_port = c.address.rpartition(":")
     data_dir = config.state_dir / "consul"
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     settings_file = data_dir / "meshvisor-agent.json"
     write_agent_settings(settings_file, agent_settings(config, management_token))
-    argv = [
-        find_binary(config.root), "agent", "-server", "-bootstrap-expect", "1", "-ui",
-        "-data-dir", str(data_dir),
-        "-config-file", str(settings_file),
-        "-node", node_name(c.node_name),
-        "-datacenter", c.datacenter,
-        "-bind", c.bind,
-        "-client", host.strip("[]"),
-        "-http-port", http_port,
-        "-dns-port", str(c.dns_port),
-        "-server-port", str(c.server_port),
-        "-serf-lan-port", str(c.serf_lan_port),
-        "-serf-wan-port", str(c.serf_wan_port),
-        "-log-level", "warn",
-    ]
-    for address in c.join:
-        argv += ["-retry-join", address]
+    argv = [find_binary(config.root), "agent", "-config-file", str(settings_file)]
     return server_spec(
         "consul", argv, env, str(config.state_dir), stop_timeout=15.0, stop_signal=signal.SIGTERM,
-        port=int(http_port), ready_check=lambda: ready(c.address, management_token),
+        port=int(c.address.rpartition(":")[2]), ready_check=lambda: ready(c.address, management_token),
     )
 
 
@@ -155,3 +167,46 @@ async def agent_checks(address: str, token: str = "") -> dict[str, str] | None:
         if sid and order.get(status, 2) >= order.get(worst.get(sid, "passing"), 0):
             worst[sid] = status
     return worst
+
+
+async def _get(address: str, token: str, path: str):
+    headers = {"X-Consul-Token": token} if token else {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3), headers=headers) as session:
+        async with session.get(f"http://{address}{path}") as resp:
+            resp.raise_for_status()
+            return await resp.json(content_type=None)
+
+
+async def split_brain(address: str, token: str) -> str | None:
+    """Why this agent's cluster is two, or None: more servers alive in gossip than peers
+    in its Raft (DESIGN: never join two bootstrapped servers)."""
+    members = await _get(address, token, "/v1/agent/members")
+    peers = await _get(address, token, "/v1/status/peers") or []
+    servers = sorted(m["Name"] for m in members
+                     if (m.get("Tags") or {}).get("role") == "consul" and m.get("Status") == 1)
+    if len(servers) <= len(peers):
+        return None
+    return (f"split brain: {len(servers)} Consul servers are in this cluster's gossip ({', '.join(servers)}) "
+            f"but its Raft has {len(peers)} peer(s) ({', '.join(peers) or 'none'}): servers that each "
+            "bootstrapped alone (bootstrap_expect = 1) were joined, and they never merge. Give one server "
+            "bootstrap_expect = 1 and make the other hosts clients (role = \"client\"), or give every server "
+            "the same bootstrap_expect and start them with empty data dirs")
+
+
+async def check_one_cluster(address: str, token: str, joining: bool, settle: float = 10.0) -> None:
+    """Raise InfraError on a split brain. With `join`, wait (up to `settle` s) for the join
+    to show in the members first, and only believe a mismatch that lasts 3 s (servers
+    that are forming a cluster together agree within a moment)."""
+    deadline = time.monotonic() + settle
+    if joining:
+        while time.monotonic() < deadline:
+            if len(await _get(address, token, "/v1/agent/members")) > 1:
+                break
+            await asyncio.sleep(0.5)
+    problem = await split_brain(address, token)
+    lasting = time.monotonic() + 3.0
+    while problem and time.monotonic() < lasting:
+        await asyncio.sleep(0.5)
+        problem = await split_brain(address, token)
+    if problem:
+        raise InfraError(problem)

@@ -5,14 +5,24 @@ with its Unix socket in a private folder. PostgreSQL refuses to run as root, so 
 supervisor runs it as the `postgres` user with the data owned by that user.
 
 Either way every service that declares a database gets one database and one login role
-of its own with a generated password, kept in <state_dir>/postgres/credentials.json
-(mode 0600). Other roles may not connect to it.
+of its own. Other roles may not connect to it. Its password is derived from the Consul
+management token when ACLs are on (HMAC-SHA256: every host of a cluster holds that token,
+so every host computes the same password and none resets another's), else generated and
+kept in <state_dir>/postgres/credentials.json (mode 0600).
+
+Across hosts: one host runs the embedded server with `listen` (its advertise address)
+and `allow` (the hosts' networks), which adds password logins from there, for the
+services' roles on their own databases only (never the superuser); the other hosts say
+`mode = "peer"` with its `address` and make no roles themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import glob
+import hashlib
+import hmac
 import json
 import os
 import pwd
@@ -153,16 +163,44 @@ def spec(config: Config, lay: Layout, env: dict[str, str]) -> ProcessSpec:
         str(lay.bin_dir / "postgres"),
         "-D", str(lay.data_dir),
         "-p", str(port),
-        "-c", "listen_addresses=127.0.0.1",
+        "-c", f"listen_addresses={','.join(['127.0.0.1'] + ([config.postgres.listen] if config.postgres.listen else []))}",
         "-c", f"unix_socket_directories={lay.socket_dir}",
         "-c", "logging_collector=off",
         "-c", "password_encryption=scram-sha-256",
     ]
+    if config.postgres.listen:
+        argv += ["-c", f"hba_file={write_hba(config, lay)}"]
     # SIGINT is PostgreSQL's "fast shutdown": roll back clients, checkpoint, exit.
     return server_spec(
         "postgres", argv, env, str(lay.data_dir), stop_timeout=30.0, stop_signal=signal.SIGINT,
         user=lay.uid, group=lay.gid, port=port, ready_check=lambda: _accepts(lay.socket_dir, port),
     )
+
+
+def write_hba(config: Config, lay: Layout) -> Path:
+    """Who may log in, with `listen`: initdb's rules (the private socket folder: trust;
+    loopback: passwords), and from each `allow` network each service's role, with its
+    password, to its own database only."""
+    lines = ["local all all trust", "host all all 127.0.0.1/32 scram-sha-256", "host all all ::1/128 scram-sha-256"]
+    for network in config.postgres.allow:
+        for service in config.services.values():
+            if service.database and not service.database_url:
+                lines.append(f"host {service.database} {service.database} {network} scram-sha-256")
+    path = lay.data_dir.parent / "pg_hba.conf"
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# written by the supervisor at every start: [postgres] listen/allow\n" + "\n".join(lines) + "\n")
+    if lay.uid is not None:
+        os.chown(tmp, lay.uid, lay.gid)
+    os.replace(tmp, path)
+    return path
+
+
+def derived_password(secret: str, role: str) -> str:
+    """The role's password on every host that holds `secret` (the management token)."""
+    digest = hmac.new(secret.encode(), f"meshvisor/postgres/{role}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 async def _accepts(socket_dir: Path, port: int) -> bool:
@@ -201,20 +239,23 @@ class Credentials:
         os.replace(tmp, self.path)
 
 
-async def provision(config: Config, lay: Layout | None) -> dict[str, str]:
-    """Make one database + role per service that needs one. Returns {service: base DSN}."""
+async def provision(config: Config, lay: Layout | None, secret: str = "") -> dict[str, str]:
+    """Make one database + role per service that needs one. Returns {service: base DSN}.
+    `secret`: the cluster's management token, from which the passwords are derived."""
     wanted = {s.name: s.database for s in config.services.values() if s.database and not s.database_url}
     dsns = {s.name: s.database_url for s in config.services.values() if s.database_url}
     if not wanted:
         return dsns
+    if config.postgres.mode == "peer":  # the roles are made by the host that runs the server
+        return dsns | {service: _dsn(config, db, derived_password(secret, db), db) for service, db in wanted.items()}
     creds = Credentials(config.state_dir)
-    passwords = creds.load()
+    passwords = {} if secret else creds.load()
     changed = False
     conn = await admin_connect(config, lay)
     try:
         for service, database in wanted.items():
             role = database
-            password = passwords.get(role)
+            password = derived_password(secret, role) if secret else passwords.get(role)
             if password is None:
                 password = secrets.token_urlsafe(24)
                 passwords[role] = password
@@ -230,7 +271,7 @@ async def provision(config: Config, lay: Layout | None) -> dict[str, str]:
             dsns[service] = _dsn(config, role, password, database)
     finally:
         await conn.close()
-    if changed or not creds.path.exists():
+    if not secret and (changed or not creds.path.exists()):
         creds.save(passwords)
     return dsns
 
@@ -244,6 +285,8 @@ def _dsn(config: Config, role: str, password: str, database: str) -> str:
     credentials = f"{quote(role, safe='')}:{quote(password, safe='')}"
     if config.postgres.mode == "embedded":
         return f"postgresql://{credentials}@127.0.0.1:{config.postgres.port}/{quote(database)}"
+    if config.postgres.mode == "peer":
+        return f"postgresql://{credentials}@{config.postgres.address}/{quote(database)}"
     parts = urlsplit(config.postgres.dsn)
     location = parts.netloc.rpartition("@")[2]
     query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("user", "password", "dbname", "database")]

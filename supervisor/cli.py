@@ -102,15 +102,46 @@ def _start_detached(cfg: config_mod.Config, wait_timeout: float) -> int:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--cluster", "whole_cluster", is_flag=True,
+              help="Every host of the Consul cluster and every service's instances on each, read from Consul.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
-    """Every process: state, pid, uptime, restarts, CPU, memory, port."""
+def status(ctx: click.Context, as_json: bool, whole_cluster: bool) -> None:
+    """Every process: state, pid, uptime, restarts, CPU, memory, port (--cluster: every host)."""
     cfg = _load(ctx)
+    if whole_cluster:
+        _cluster_status(cfg, as_json)
+        return
     report = _call(cfg, "GET", "/v1/status")
     if as_json:
         click.echo(msgspec.json.format(msgspec.json.encode(report)).decode())
         return
     _print_table(report)
+
+
+def _cluster_status(cfg: config_mod.Config, as_json: bool) -> None:
+    """Asked of the running supervisor, which reads Consul with its own token; with an
+    external agent (which outlives this host's supervisor) and no supervisor running, of
+    the agent directly with [consul] token."""
+    from supervisor import cluster
+
+    try:
+        payload = asyncio.run(ControlClient(cfg.socket_path, timeout=60).call("GET", "/v1/cluster"))
+        picture = msgspec.convert(payload, cluster.Picture)
+    except NotRunning:
+        if cfg.consul.mode == "embedded":
+            click.echo(f"the supervisor is not running (no control socket answers at {cfg.socket_path}), "
+                       "and with it its Consul agent", err=True)
+            sys.exit(3)
+        try:
+            picture = asyncio.run(cluster.read(cfg.consul.address, cfg.consul.token))
+        except cluster.Unreachable as exc:
+            raise click.ClickException(str(exc)) from None
+    except (ControlError, msgspec.ValidationError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(msgspec.json.format(msgspec.json.encode(picture)).decode())
+    else:
+        click.echo(cluster.render(picture), nl=False)
 
 
 def _print_table(report: dict, problems: bool = True) -> None:
@@ -304,6 +335,16 @@ async def _intentions(address: str, token_value: str, change: tuple[str, ...]) -
         raise click.ClickException(f"Consul at {address}: {exc}") from None
     finally:
         await client.close()
+
+
+@main.command()
+def keygen() -> None:
+    """Print a new Consul gossip encryption key (for the agents' `encrypt`)."""
+    import base64
+    import secrets
+
+    # What `consul keygen` of 1.8 prints: base64 of 32 random bytes (16 and 24 work too).
+    click.echo(base64.b64encode(secrets.token_bytes(32)).decode())
 
 
 def _tail(path: Path, count: int) -> list[str]:

@@ -1,6 +1,7 @@
 """The control API: JSON over HTTP on a Unix socket in the state dir (owner only).
 
   GET  /v1/status                     every process with its figures
+  GET  /v1/cluster                    every node and service instance, as Consul sees them
   POST /v1/scale    {"counts": {...}}  set instance counts, answer when done
   POST /v1/restart  {"target": "auth" | "auth.2"}  rolling restart, answer when done
   POST /v1/stop                       stop the stack and the supervisor
@@ -32,6 +33,11 @@ class Controllable(Protocol):
     def request_stop(self, reason: str) -> None: ...
 
     async def refresh_consul_health(self) -> None: ...
+
+    async def cluster(self) -> msgspec.Struct:
+        """The cluster read from Consul (supervisor/cluster.py's Picture), with the
+        supervisor's own token; raises ConnectionError when the agent does not answer."""
+        ...
 
 
 class ScaleRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -73,6 +79,12 @@ def build_app(daemon: Controllable) -> web.Application:
         await daemon.refresh_consul_health()
         return _json(daemon.status())
 
+    async def cluster(request: web.Request) -> web.Response:
+        try:
+            return _json(await daemon.cluster())
+        except ConnectionError as exc:
+            return _json(Outcome(ok=False, problems=[str(exc)]), 503)
+
     async def scale(request: web.Request) -> web.Response:
         body = await _decode(request, ScaleRequest)
         problems = await daemon.scale(body.counts)
@@ -89,6 +101,7 @@ def build_app(daemon: Controllable) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/cluster", cluster)
     app.router.add_post("/v1/scale", scale)
     app.router.add_post("/v1/restart", restart)
     app.router.add_post("/v1/stop", stop)

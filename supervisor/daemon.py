@@ -257,3 +257,6 @@ class Daemon:
 
     async def refresh_consul_health(self) -> None:
         await asyncio.gather(self.sampler.refresh_consul_health(), self.sampler.refresh_mesh_problems())
+
+    async def cluster(self) -> verbs.cluster_view.Picture:
+        return await verbs.cluster(self)

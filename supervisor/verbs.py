@@ -1,4 +1,4 @@
-"""The control API's verbs: status, scale and restart, each one function acting on the stack.
+"""The control API's verbs: status, cluster, scale and restart, each one function acting on the stack.
 
 A verb is given the running supervisor through the small `Stack` Protocol below and
 never imports `supervisor/daemon.py` (circus passes its arbiter into its commands the
@@ -14,6 +14,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Protocol
 
+from supervisor import cluster as cluster_view
 from supervisor.logs import timestamp
 from supervisor.ports import PortsExhausted
 
@@ -52,6 +53,14 @@ def status(stack: Stack) -> dict:
         },
         "processes": rows,
     }
+
+
+async def cluster(stack: Stack) -> cluster_view.Picture:
+    """Every node and instance of the Consul cluster, read from Consul with the
+    supervisor's own token (the management token when Consul is embedded), so the CLI
+    needs none; `cluster_view.Unreachable` when the local agent does not answer."""
+    consul = stack.config.consul
+    return await cluster_view.read(consul.address, consul.token)
 
 
 async def scale(stack: Stack, counts: dict[str, int]) -> list[str]:

@@ -7,7 +7,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.meshvisor-installed
 CONSUL  := .tools/consul/usr/bin/consul
 
-.PHONY: setup start test bench bench-relay bench-sidecar bench-gateway clean-state consul postgres wrk proxies
+.PHONY: setup start test cluster-demo bench bench-relay bench-sidecar bench-gateway clean-state consul postgres wrk proxies
 
 setup: $(STAMP) consul postgres
 
@@ -26,6 +26,10 @@ start: setup
 
 test: setup
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Three hosts (network namespaces, root only) in one cluster, for a user to try; Ctrl-C stops them.
+cluster-demo: setup
+	@$(VENV)/bin/python scripts/cluster_demo.py
 
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { echo "meshvisor: installing wrk with apt" >&2; \

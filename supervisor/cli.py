@@ -272,9 +272,9 @@ def logs(ctx: click.Context, target: str | None, follow: bool, lines: int) -> No
 
 
 def _consul_token(cfg: config_mod.Config) -> str:
-    """The supervisor's Consul token: the management token of the embedded agent's ACLs,
-    else [consul] token."""
-    if cfg.consul.mode == "embedded" and cfg.consul.acl:
+    """The supervisor's Consul token: [consul] token if given (a cluster's hosts are given
+    the management token there), else the one the embedded agent's ACLs were made with."""
+    if cfg.consul.mode == "embedded" and cfg.consul.acl and not cfg.consul.token:
         from supervisor.infra.acl import Secrets
 
         secrets = Secrets(cfg.state_dir)

@@ -96,12 +96,51 @@ def test_the_shipped_config_is_valid():
         ("[services.web]\nsidecar = false\napp_socket = true\n[services.worker]\n",
          "services.web.app_socket: the app's socket is for its sidecar: needs sidecar = true"),
         ("[services.web]\n[services.worker]\ndatabase='web'\n[services.web2]\n", "services.web2"),
+        # Across hosts (supervisor/config_hosts.py).
+        ("[consul]\nrole = 'leader'\n[services.web]\n[services.worker]\n", "consul.role"),
+        ("[consul]\nrole = 'client'\ntoken = 't'\n[services.web]\n[services.worker]\n",
+         "consul.join: a client agent needs the addresses of the cluster's servers"),
+        ("[consul]\nbind = '10.0.0.1'\n[services.web]\n[services.worker]\n", "consul.encrypt: bind = '10.0.0.1'"),
+        ("[consul]\nencrypt = 'c2hvcnQ='\n[services.web]\n[services.worker]\n", "consul.encrypt: is not a base64 key"),
+        ("[consul]\nbind = 'host1'\n[services.web]\n[services.worker]\n", "consul.bind: 'host1' is not an IP"),
+        ("[consul]\nrole = 'client'\njoin = ['10.0.0.1']\n[services.web]\n[services.worker]\n",
+         "consul.token: every host of a cluster with ACLs needs the cluster's management token"),
+        ("[consul]\nbootstrap_expect = 3\n[services.web]\n[services.worker]\n", "consul.token"),
+        ("[supervisor]\nadvertise = 'me'\n[services.web]\n[services.worker]\n", "supervisor.advertise"),
+        ("[postgres]\nlisten = '10.0.0.1'\n[services.web]\n[services.worker]\n", "postgres.allow: listen needs"),
+        ("[postgres]\nallow = ['10.0.0.0/33']\n[services.web]\n[services.worker]\n", "postgres.allow: '10.0.0.0/33'"),
+        ("[postgres]\nmode = 'peer'\n[services.web]\n[services.worker]\n", "postgres.address"),
+        ("[consul]\nacl = false\n[postgres]\nmode = 'peer'\naddress = '10.0.0.1:54329'\n[services.web]\n"
+         "[services.worker]\n", "postgres.mode: peer"),
     ],
 )
 def test_mistakes_name_the_file_and_the_key(tmp_path, config, expected):
     message = error_of(tmp_path, config)
     assert message.startswith("config/meshvisor.toml: ") or "meshvisor.toml" in message
     assert expected in message
+
+
+def test_a_client_host_of_a_cluster(tmp_path):
+    key = "qUk9BXqK4EYo0fNU1Go0Hm5DntfQUWaq5OorSyrkxTs="
+    cfg = load(write(tmp_path, GOOD + f"""
+[consul]
+role = "client"
+join = ["10.0.0.1"]
+bind = "10.0.0.2"
+encrypt = "{key}"
+token = "management"
+node_name = "host2"
+[postgres]
+mode = "peer"
+address = "10.0.0.1:54329"
+"""))
+    from supervisor.infra.consul import agent_settings
+
+    agent = agent_settings(cfg, cfg.consul.token)
+    assert agent["retry_join"] == ["10.0.0.1"] and agent["bind_addr"] == "10.0.0.2" and agent["encrypt"] == key
+    assert "server" not in agent and agent["leave_on_terminate"] is True
+    assert "tokens" not in agent["acl"], "the master token is for servers only"
+    assert agent["client_addr"] == "127.0.0.1" and agent["node_name"] == "host2"
 
 
 def test_duplicate_ports_are_refused(tmp_path):

@@ -8,15 +8,18 @@ Every request goes to addresses of the namespaces these tests made.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.error
 import urllib.request
 
+import asyncpg
 import pytest
 
+from supervisor.infra.postgres import derived_password
 from tests import netns
-from tests.cluster import Cluster
+from tests.cluster import POSTGRES_PORT, Cluster
 from tests.figures import figure
 from tests.helpers import PROGRAMS, PY, wait_for
 from tests.load import ITEMS, Load
@@ -115,8 +118,23 @@ def test_1_routes_over_every_host(cluster, token):
     shown = cluster.hosts[2].cli("status", "--cluster", check=True).stdout
     for h in cluster.hosts:
         assert h.node in shown
-    # The services' databases on host 1 are reached from hosts 2 and 3 with the derived passwords.
-    assert "peer" in cluster.hosts[1].config_path.read_text()
+    # PostgreSQL on host 1's address: each service's role, with the password every host
+    # derives from the management token, to its own database only; never the superuser.
+    asyncio.run(postgres_from_the_network(cluster))
+
+
+async def postgres_from_the_network(cluster: Cluster) -> None:
+    address, port = cluster.hosts[0].address, POSTGRES_PORT
+    password = derived_password(cluster.token, "auth")
+    conn = await asyncpg.connect(host=address, port=port, user="auth", password=password, database="auth", timeout=5)
+    assert await conn.fetchval("SELECT current_user") == "auth"
+    await conn.close()
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):  # no pg_hba entry
+        await asyncpg.connect(host=address, port=port, user="auth", password=password, database="example", timeout=5)
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await asyncpg.connect(host=address, port=port, user="postgres", password="x", database="postgres", timeout=5)
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(host=address, port=port, user="auth", password="wrong", database="auth", timeout=5)
 
 
 def test_2_host3_killed_under_load(cluster, token):

@@ -93,19 +93,20 @@ async def test_client_sends_token_in_header_and_version_is_cached(monkeypatch):
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-env")
     seen: list[tuple[str | None, str]] = []
 
-    async def agent_self(request: web.Request) -> web.Response:
+    async def members(request: web.Request) -> web.Response:
         seen.append((request.headers.get("X-Consul-Token"), request.query_string))
-        return web.json_response({"Config": {"Version": "1.8.7"}})
+        return web.json_response([{"Name": "a", "Tags": {"build": "1.9.1:abc"}},
+                                  {"Name": "b", "Tags": {"build": "1.8.7:def"}}])
 
     app = web.Application()
-    app.router.add_get("/v1/agent/self", agent_self)
+    app.router.add_get("/v1/agent/members", members)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     client = make_client(f"127.0.0.1:{port}", token="s3cret")
     try:
-        assert await agent_version(client) == (1, 8, 7)
+        assert await agent_version(client) == (1, 8, 7)  # the oldest member's
         assert await agent_version(client) == (1, 8, 7)
         assert seen == [("s3cret", "")]  # header, never ?token=; asked once
         env_client = make_client(f"127.0.0.1:{port}")

@@ -188,17 +188,22 @@ OLDEST_SUPPORTED: Version = (1, 8, 7)
 
 
 async def agent_version(client: consul.aio.Consul) -> Version:
-    """The agent's version (Config.Version of /v1/agent/self), asked once per client."""
+    """The oldest Consul version among the cluster's members (the `build` tag of
+    /v1/agent/members), asked once per client: only fields every agent knows go out.
+
+    Not /v1/agent/self: it needs agent:read, which a service identity's token lacks, and
+    each refusal is an ERROR line in the agent's log. Members need node:read, which such
+    a token has; where even that is missing (the list comes back filtered to nothing),
+    the oldest agent we support is assumed.
+    """
     cached = _versions.get(client)
     if cached is None:
-        # Not client.agent.self(): py-consul 1.8.0 sends that one without the token.
-        reply = await call(client, "GET", "/v1/agent/self")
-        if reply.status == 403:
-            # It needs agent:read, which a service identity's token does not have: take
-            # the oldest agent we support, so only fields every supported agent knows go out.
-            cached = OLDEST_SUPPORTED
-        else:
-            cached = parse_version(reply.raise_for_status().json()["Config"]["Version"])
+        reply = await call(client, "GET", "/v1/agent/members")
+        builds = [m.get("Tags", {}).get("build", "") for m in (reply.json() if reply.ok else [])]
+        versions = [parse_version(b) for b in builds if b and b[0].isdigit()]
+        if not reply.ok and reply.status != 403:
+            reply.raise_for_status()
+        cached = min(versions) if versions else OLDEST_SUPPORTED
         _versions[client] = cached
     return cached
 

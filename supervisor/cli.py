@@ -337,6 +337,39 @@ async def _intentions(address: str, token_value: str, change: tuple[str, ...]) -
         await client.close()
 
 
+@main.command("install-service")
+@click.option("--unit-dir", type=click.Path(file_okay=False, path_type=Path), default="/etc/systemd/system",
+              show_default=True, help="Where to write the unit.")
+@click.option("--user", default=None, help="Run the stack as this user (default: the one installing).")
+@click.option("--print", "print_only", is_flag=True, help="Print the unit, write nothing.")
+@click.option("--no-enable", is_flag=True, help="Write the unit but do not enable and start it.")
+@click.pass_context
+def install_service(ctx: click.Context, unit_dir: Path, user: str | None, print_only: bool, no_enable: bool) -> None:
+    """Run this stack at boot as a systemd service (systemctl stop stops it cleanly)."""
+    cfg = _load(ctx)
+    from supervisor import unit
+
+    if print_only:
+        click.echo(unit.render(cfg, user), nl=False)
+        return
+    try:
+        path = unit.install(cfg, unit_dir, user)
+    except PermissionError:
+        raise click.ClickException(f"cannot write to {unit_dir}: run it as root (or pass --unit-dir)") from None
+    name = path.name
+    click.echo(f"wrote {path}")
+    if no_enable or not unit.systemd_running():
+        if not no_enable:
+            click.echo("systemd is not running here: enable it where it is, with")
+        click.echo(f"  systemctl daemon-reload && systemctl enable --now {name}")
+        return
+    for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", name]):
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise click.ClickException(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+    click.echo(f"enabled and started {name}: systemctl status {name}; journalctl -u {name} -f")
+
+
 @main.command()
 def keygen() -> None:
     """Print a new Consul gossip encryption key (for the agents' `encrypt`)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import threading
 import time
 
@@ -295,3 +296,38 @@ def test_a_port_range_among_the_ephemeral_ports_is_warned_about(make_project, tm
     p.start()
     assert f"overlaps the kernel's ephemeral ports at [{start}, {start + 39}]" in p.log("supervisor")
 
+
+
+def test_install_service_writes_a_unit_that_systemctl_stop_stops_cleanly(make_project, tmp_path):
+    """The unit `install-service` writes verifies with systemd's own checker, and what
+    `systemctl stop` does with it (SIGTERM to ExecStart's process alone: KillMode=mixed)
+    stops the stack cleanly. systemd itself is not PID 1 here, so its command is run by hand."""
+    import shlex
+    import shutil
+    import subprocess
+
+    p = make_project({"web": ("", "instances = 2")})
+    done = p.cli("install-service", "--unit-dir", str(tmp_path), "--no-enable", check=True)
+    unit = next(tmp_path.glob("meshvisor*.service"))
+    assert f"wrote {unit}" in done.stdout and stat.S_IMODE(unit.stat().st_mode) == 0o644
+    text = unit.read_text()
+    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    assert fields["KillMode"] == "mixed" and fields["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert fields["WorkingDirectory"] == str(p.root) and str(p.config_path) in fields["ExecStart"]
+    if shutil.which("systemd-analyze"):
+        verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+        assert verify.returncode == 0, verify.stderr
+
+    env = {**os.environ, **dict(item.split("=", 1) for item in fields["Environment"].split())}
+    proc = subprocess.Popen(shlex.split(fields["ExecStart"]), cwd=fields["WorkingDirectory"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (p.state_dir / "run" / "control.sock").exists() and p.status()["supervisor"]["phase"] == "running",
+                 30, interval=0.2, what="the service's supervisor running")
+        stack = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(int(fields["TimeoutStopSec"])) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not alive(stack)

@@ -7,7 +7,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.meshvisor-installed
 CONSUL  := .tools/consul/usr/bin/consul
 
-.PHONY: setup start test cluster-demo bench bench-relay bench-sidecar bench-gateway clean-state consul postgres wrk proxies
+.PHONY: setup start test cluster-demo bench bench-relay bench-sidecar bench-gateway bench-hosts clean-state consul postgres wrk proxies
 
 setup: $(STAMP) consul postgres
 
@@ -41,6 +41,10 @@ bench-relay: setup
 
 bench-sidecar: setup wrk
 	@$(VENV)/bin/python -m bench.sidecar $(BENCH_ARGS)
+
+# A cross-host hop against a same-host hop: two hosts in network namespaces (root).
+bench-hosts: setup wrk
+	@$(VENV)/bin/python -m bench.hosts $(BENCH_ARGS)
 
 proxies: wrk
 	@command -v nginx >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 || { echo "meshvisor: installing nginx and HAProxy with apt" >&2; \

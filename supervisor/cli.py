@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
@@ -44,14 +45,21 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 
 @main.command()
+@click.argument("name", required=False)
 @click.option("--detach", is_flag=True, help="Run in the background; return once every instance is up.")
 @click.option("--wait", "wait_timeout", default=300.0, show_default=True,
               help="With --detach: how long to wait for the stack to come up (seconds).")
 @click.option("--daemon", is_flag=True, hidden=True)
 @click.pass_context
-def start(ctx: click.Context, detach: bool, wait_timeout: float, daemon: bool) -> None:
-    """Start the whole stack (in the foreground unless --detach)."""
+def start(ctx: click.Context, name: str | None, detach: bool, wait_timeout: float, daemon: bool) -> None:
+    """Start the whole stack (in the foreground unless --detach), or NAME: one service
+    of the running supervisor, stopped with `stop NAME`."""
     cfg = _load(ctx)
+    if name is not None:
+        if detach or daemon:
+            raise click.UsageError("--detach is for the whole stack; `start NAME` asks the running supervisor")
+        _service_verb(cfg, "start", name)
+        return
     holder = state.holder_pid(cfg.state_dir)
     if holder:
         raise click.ClickException(f"a supervisor is already running for {cfg.state_dir} (pid {holder})")
@@ -61,6 +69,16 @@ def start(ctx: click.Context, detach: bool, wait_timeout: float, daemon: bool) -
 
     code = asyncio.run(Daemon(cfg, foreground=not daemon).run())
     sys.exit(code)
+
+
+def _service_verb(cfg: config_mod.Config, verb: str, name: str) -> None:
+    """`start NAME` / `stop NAME`, answered once done: a name that cannot be a service's
+    is not sent (it would not fit the route)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        click.echo(f"error: no service named '{name}'", err=True)
+        sys.exit(1)
+    outcome = _call(cfg, "POST", f"/v1/services/{name}/{verb}")
+    _report(outcome, f"{'stopped' if verb == 'stop' else 'started'} {name}")
 
 
 def _start_detached(cfg: config_mod.Config, wait_timeout: float) -> int:
@@ -227,7 +245,8 @@ def restart(ctx: click.Context, target: str) -> None:
 
 def _report(outcome: dict, success: str) -> None:
     if outcome["ok"]:
-        click.echo(success)
+        if success:
+            click.echo(success)
         return
     for problem in outcome["problems"]:
         click.echo(f"error: {problem}", err=True)
@@ -235,11 +254,16 @@ def _report(outcome: dict, success: str) -> None:
 
 
 @main.command()
+@click.argument("name", required=False)
 @click.option("--timeout", default=120.0, show_default=True, help="How long to wait for the stop (seconds).")
 @click.pass_context
-def stop(ctx: click.Context, timeout: float) -> None:
-    """Stop the whole stack and the supervisor."""
+def stop(ctx: click.Context, name: str | None, timeout: float) -> None:
+    """Stop the whole stack and the supervisor, or NAME: one service (drained), which
+    stays stopped across restarts of the stack until `start NAME`."""
     cfg = _load(ctx)
+    if name is not None:
+        _service_verb(cfg, "stop", name)
+        return
     pid = state.holder_pid(cfg.state_dir)
     _call(cfg, "POST", "/v1/stop")
     deadline = time.monotonic() + timeout
@@ -249,6 +273,25 @@ def stop(ctx: click.Context, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise click.ClickException(f"the supervisor (pid {pid}) is still stopping after {timeout:g}s")
+
+
+@main.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Read the Procfile and the config again and apply what changed (as SIGHUP does):
+    add, remove, restart (rolling) and scale services; the others keep running."""
+    try:
+        cfg = config_mod.load(ctx.obj["config_path"])
+    except config_mod.ConfigError as exc:
+        click.echo(f"error: configuration error: {exc}; nothing was changed", err=True)
+        sys.exit(1)
+    outcome = _call(cfg, "POST", "/v1/reload")
+    if outcome["ok"]:
+        shown = cfg.config_path.relative_to(cfg.root) if cfg.config_path.is_relative_to(cfg.root) else cfg.config_path
+        click.echo(f"reloaded the Procfile and {shown}")
+    for line in outcome.get("changes") or ():
+        click.echo(f"  {line}")
+    _report(outcome, "")
 
 
 @main.command()

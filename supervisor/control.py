@@ -4,7 +4,13 @@
   GET  /v1/cluster                    every node and service instance, as Consul sees them
   POST /v1/scale    {"counts": {...}}  set instance counts, answer when done
   POST /v1/restart  {"target": "auth" | "auth.2"}  rolling restart, answer when done
+  POST /v1/reload                     read the Procfile and the config again, apply what changed
+  POST /v1/services/NAME/stop         stop one service (drained), remembered as stopped
+  POST /v1/services/NAME/start        start it again with its count
   POST /v1/stop                       stop the stack and the supervisor
+
+The verbs that act answer {"ok", "problems", "changes"} when done: 200, or 409 with the
+problems (an unknown service is one of them).
 
 The server is typed against the small `Controllable` Protocol, not the daemon: the
 daemon imports this module to serve it, and this module imports nothing of the daemon.
@@ -30,6 +36,14 @@ class Controllable(Protocol):
 
     async def restart(self, target: str) -> list[str]: ...
 
+    async def reload(self) -> tuple[list[str], list[str]]:
+        """(what changed, problems): see supervisor/reload.py."""
+        ...
+
+    async def stop_service(self, name: str) -> list[str]: ...
+
+    async def start_service(self, name: str) -> list[str]: ...
+
     def request_stop(self, reason: str) -> None: ...
 
     async def refresh_consul_health(self) -> None: ...
@@ -51,6 +65,7 @@ class RestartRequest(msgspec.Struct, forbid_unknown_fields=True):
 class Outcome(msgspec.Struct):
     ok: bool
     problems: list[str] = []
+    changes: list[str] = []
 
 
 class NotRunning(Exception):
@@ -95,6 +110,15 @@ def build_app(daemon: Controllable) -> web.Application:
         problems = await daemon.restart(body.target)
         return _json(Outcome(ok=not problems, problems=problems), 200 if not problems else 409)
 
+    async def reload(request: web.Request) -> web.Response:
+        changes, problems = await daemon.reload()
+        return _json(Outcome(ok=not problems, problems=problems, changes=changes), 200 if not problems else 409)
+
+    async def service_verb(request: web.Request) -> web.Response:
+        name, verb = request.match_info["name"], request.match_info["verb"]
+        problems = await (daemon.stop_service(name) if verb == "stop" else daemon.start_service(name))
+        return _json(Outcome(ok=not problems, problems=problems), 200 if not problems else 409)
+
     async def stop(request: web.Request) -> web.Response:
         daemon.request_stop("stop requested through the control API")
         return _json(Outcome(ok=True), 202)
@@ -104,6 +128,8 @@ def build_app(daemon: Controllable) -> web.Application:
     app.router.add_get("/v1/cluster", cluster)
     app.router.add_post("/v1/scale", scale)
     app.router.add_post("/v1/restart", restart)
+    app.router.add_post("/v1/reload", reload)
+    app.router.add_post("/v1/services/{name}/{verb:stop|start}", service_verb)
     app.router.add_post("/v1/stop", stop)
     return app
 
@@ -142,7 +168,10 @@ class ControlClient:
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
                 data = msgspec.json.encode(body) if body is not None else None
                 async with session.request(method, f"http://supervisor{route}", data=data) as resp:
-                    payload = msgspec.json.decode(await resp.read())
+                    try:
+                        payload = msgspec.json.decode(await resp.read())
+                    except msgspec.DecodeError:
+                        raise ControlError(f"HTTP {resp.status} from the supervisor") from None
                     if resp.status >= 400 and resp.status != 409:
                         raise ControlError("; ".join(payload.get("problems", [])) or f"HTTP {resp.status}")
                     return payload

@@ -7,7 +7,9 @@ service. Down: services first, infrastructure last.
 
 This module is the run's lifecycle only: what an instance is given is the builder's
 (supervisor/builder.py), the figures `status` shows are the sampler's
-(supervisor/sampler.py), and the control API's verbs are supervisor/verbs.py.
+(supervisor/sampler.py), the control API's verbs are supervisor/verbs.py, and a reload
+(`supervisor reload`, SIGHUP) is supervisor/reload.py, which reuses the start-up steps
+for the mesh (prepare_mesh) and the databases (provision_databases).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import time
 
 import aiohttp
 
+from supervisor import reload as reloading
 from supervisor import state, verbs
 from supervisor.builder import InstanceBuilder
-from supervisor.config import Config
+from supervisor.config import Config, Service
 from supervisor.control import ControlServer
 from shared.mesh.consul import ConsulError, make_client
 from supervisor.infra import InfraError, acl
@@ -55,6 +58,9 @@ class Daemon:
                              Printer() if foreground else None)
         self._own_log = self.logs.log("supervisor")
         self.scale_memory = state.ScaleMemory(self.state_dir)
+        self.stopped = state.StoppedServices(self.state_dir)
+        self.gate = verbs.Gate()  # scale/restart share it; reload, stop/start NAME and shutdown take it alone
+        self._reloads: set[asyncio.Task] = set()
         self.builder = InstanceBuilder(config, self.logs, state.PidRecord(self.state_dir), self.say)
         self.sampler = Sampler(config.consul, self.infra, self.groups)
 
@@ -82,6 +88,7 @@ class Daemon:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
             self.say(f"supervisor {os.getpid()} starting, state in {self.state_dir}")
             overlap = ephemeral_overlap(*self.config.supervisor.port_range)
             if overlap is not None:
@@ -155,33 +162,48 @@ class Daemon:
                 raise InfraError(f"cannot ask the Consul agent about its cluster: {exc}") from None
         else:
             await consul_infra.wait_for_external(consul.address, consul.token, consul.start_timeout)
-        await self._prepare_mesh()
-        needs_db = any(s.database and not s.database_url for s in self.config.services.values())
+        await self.prepare_mesh(self.config)
+        await self.provision_databases(self.config)
+        for service in self.config.services.values():
+            self.groups[service.name] = self.new_group(service)
+        stopped = self.stopped.names()  # with `supervisor stop NAME`: left stopped
+        counts = {
+            name: self.scale_memory.count(name, group.service.instances)
+            for name, group in self.groups.items() if name not in stopped
+        }
+        self.startup_problems += await verbs.scale_groups(self.groups, counts)
+
+    def new_group(self, service: Service) -> ServiceGroup:
+        return ServiceGroup(service, self.builder.make_instance, self.builder.release)
+
+    async def provision_databases(self, config: Config) -> None:
+        """One database and role per service of `config` that declares one, on the
+        embedded server (started here first if it does not run yet) or an external one."""
+        needs_db = any(s.database and not s.database_url for s in config.services.values())
         layout = None
-        if self.config.postgres.mode == "embedded" and needs_db:
-            layout = postgres_infra.layout(self.config)
-            await postgres_infra.initdb(layout, self.logs.log("postgres"))
-            await self._start_infra(postgres_infra.spec(self.config, layout, env), self.config.postgres.start_timeout)
+        if config.postgres.mode == "embedded" and needs_db:
+            layout = postgres_infra.layout(config)
+            running = next((p for p in self.infra if p.name == "postgres"), None)
+            if running is None:
+                await postgres_infra.initdb(layout, self.logs.log("postgres"))
+                await self._start_infra(postgres_infra.spec(config, layout, self.builder.base_env()),
+                                        config.postgres.start_timeout)
+            elif config.postgres.listen:  # a new service's logins from the other hosts
+                postgres_infra.write_hba(config, layout)
+                running.send_signal(signal.SIGHUP)
         try:
             self.builder.database_urls = await postgres_infra.provision(
-                self.config, layout, consul.token if consul.acl else "")
+                config, layout, config.consul.token if config.consul.acl else "")
         except (OSError, asyncio.TimeoutError) as exc:
             raise InfraError(f"cannot reach PostgreSQL to create the service databases: {exc}") from None
         except Exception as exc:  # asyncpg.PostgresError and friends
             raise InfraError(f"creating the service databases failed: {exc}") from None
 
-        for service in self.config.services.values():
-            self.groups[service.name] = ServiceGroup(service, self.builder.make_instance, self.builder.release)
-        counts = {
-            name: self.scale_memory.count(name, group.service.instances) for name, group in self.groups.items()
-        }
-        self.startup_problems += await verbs.scale_groups(self.groups, counts)
-
-    async def _prepare_mesh(self) -> None:
+    async def prepare_mesh(self, config: Config) -> None:
         """Tokens for the services and the intentions the config implies (see connect.py)."""
-        client = make_client(self.config.consul.address, self.config.consul.token)
+        client = make_client(config.consul.address, config.consul.token)
         try:
-            tokens, written = await connect_infra.prepare(client, self.config)
+            tokens, written = await connect_infra.prepare(client, config)
         except (ConsulError, OSError, asyncio.TimeoutError) as exc:
             raise InfraError(f"preparing Consul (ACL tokens, intentions) failed: {exc}") from None
         finally:
@@ -230,6 +252,12 @@ class Daemon:
             for proc in self.infra:
                 proc.kill_now()
 
+    def _on_hangup(self) -> None:
+        self.say("received SIGHUP: reloading")
+        task = asyncio.create_task(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
             self._stop_reason = reason
@@ -238,7 +266,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.phase = "stopping"
-        await asyncio.gather(*(g.stop_all() for g in self.groups.values()), return_exceptions=True)
+        async with self.gate.exclusive():  # after a reload or scale in progress, never beside it
+            await asyncio.gather(*(g.stop_all() for g in self.groups.values()), return_exceptions=True)
         for proc in reversed(self.infra):
             self.say(f"stopping {proc.name}")
             await proc.stop()
@@ -254,6 +283,21 @@ class Daemon:
 
     async def restart(self, target: str) -> list[str]:
         return await verbs.restart(self, target)
+
+    async def reload(self) -> tuple[list[str], list[str]]:
+        report = await reloading.reload(self, self.say)
+        return report.changes, report.problems
+
+    async def stop_service(self, name: str) -> list[str]:
+        problems = await verbs.stop_service(self, name)
+        self.say(f"stopped {name} (`supervisor start {name}` starts it)" if not problems else
+                 f"stop {name}: " + "; ".join(problems))
+        return problems
+
+    async def start_service(self, name: str) -> list[str]:
+        problems = await verbs.start_service(self, name)
+        self.say(f"started {name}" if not problems else f"start {name}: " + "; ".join(problems))
+        return problems
 
     async def refresh_consul_health(self) -> None:
         await asyncio.gather(self.sampler.refresh_consul_health(), self.sampler.refresh_mesh_problems())

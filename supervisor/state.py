@@ -1,10 +1,11 @@
-"""The state directory: one-supervisor lock, record of live pids, remembered scale.
+"""The state directory: one-supervisor lock, record of live pids, remembered scale and stops.
 
 Layout under <state_dir>:
   run/supervisor.lock   flock held by the live supervisor (released by the kernel on death)
   run/control.sock      control API (owner only)
   run/pids.json         every process the supervisor started, to clean up after a SIGKILL
   scale.json            instance counts set with `supervisor scale`
+  stopped.json          services stopped with `supervisor stop NAME`
   logs/                 one file per process, rotated by size
   consul/, postgres/    embedded infrastructure data
 """
@@ -172,6 +173,48 @@ class ScaleMemory:
     def remember(self, service: str, count: int, configured: int) -> None:
         data = self._read()
         data[service] = {"count": count, "configured": configured, "at": time.time()}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, self.path)
+        _write_json(self.path, data)
+
+    def forget(self, service: str) -> None:
+        """The file's count wins again (a reload that changed it, or removed the service)."""
+        data = self._read()
+        if data.pop(service, None) is not None:
+            _write_json(self.path, data)
+
+
+class StoppedServices:
+    """Services stopped with `supervisor stop NAME`, remembered across restarts.
+
+    A marked service is left stopped by `supervisor start` (of the stack) and by a reload,
+    until `supervisor start NAME` clears its mark; a reload that removes the service from
+    the files forgets it.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "stopped.json"
+
+    def names(self) -> set[str]:
+        try:
+            return set(json.loads(self.path.read_text()).get("stopped", []))
+        except (FileNotFoundError, ValueError, AttributeError):
+            return set()
+
+    def __contains__(self, service: str) -> bool:
+        return service in self.names()
+
+    def mark(self, service: str) -> None:
+        self._save(self.names() | {service})
+
+    def clear(self, service: str) -> None:
+        names = self.names()
+        if service in names:
+            self._save(names - {service})
+
+    def _save(self, names: set[str]) -> None:
+        _write_json(self.path, {"stopped": sorted(names), "at": time.time()})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

@@ -48,6 +48,7 @@ class Sidecar:
         self.access_log = AccessLog(settings.service, settings.instance) if settings.access_log else None
         self.watches: dict[str, ServiceWatch] = {}
         self.balancers: dict[str, Balancer] = {}
+        self.metrics.balancers = self.balancers.values  # ejections by upstream
         self.app_healthy = False
         self.unix_socket = ""  # the announced name, once listening on it (shared.mesh.local)
         self._stop = asyncio.Event()
@@ -62,6 +63,8 @@ class Sidecar:
             instance=s.index, version=s.version, health=s.health, route=s.route, openapi=s.openapi,
             idempotency_key=s.idempotency_key, unix_socket=self.unix_socket,
             host_id=local.host_id() if self.unix_socket else "",
+            metrics_port=self.admin_port, app_metrics_port=s.app_port if s.app_metrics.startswith("/") else 0,
+            app_metrics_path=s.app_metrics if s.app_metrics not in ("/metrics", "") else "",
         ).to_meta()
 
     # -- start ---------------------------------------------------------------------

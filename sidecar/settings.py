@@ -67,3 +67,6 @@ class SidecarSettings(InstanceSettings, kw_only=True):
     # Also listen on an abstract Unix socket and announce it, for gateways and sidecars on
     # this host (shared.mesh.local).
     unix_socket: Annotated[bool, Var("SIDECAR_UNIX_SOCKET")] = True
+    # Where the app serves its Prometheus metrics (announced for Prometheus to scrape it on
+    # 127.0.0.1:APP_PORT); "" when it serves none.
+    app_metrics: Annotated[str, Var("SIDECAR_APP_METRICS")] = "/metrics"

@@ -25,6 +25,7 @@ SIDECAR_ELSEWHERE = SidecarSettings(
     idempotency_key=True, upstreams={"billing": 21003, "auth-x": 21004}, reuse_port=True,
     drain_seconds=0.5, check_interval="5s", check_timeout="3s", deregister_after="2m",
     connect_timeout=1.5, request_timeout=60.0, retries=0, access_log=False, unix_socket=False, mtls=False,
+    app_metrics="",
 )
 GATEWAY_ELSEWHERE = GatewaySettings(
     service="edge", index=2, service_id="edge-n-2", node="n", consul_address="10.0.0.1:8501",
@@ -56,10 +57,11 @@ def test_variable_names_and_defaults_are_the_documented_ones():
     assert (s.drain_seconds, s.check_interval, s.check_timeout, s.deregister_after) == (2.0, "2s", "1s", "1m")
     assert (s.connect_timeout, s.request_timeout, s.retries, s.access_log, s.unix_socket) == (2.0, 30.0, 2, True, True)
     assert s.mtls is True  # plain HTTP between mesh members only when asked for
+    assert s.app_metrics == "/metrics"
     assert SidecarSettings.env_names() == SIDECAR_ENV_FROM_SUPERVISOR | {
         "CONSUL_NODE", "SIDECAR_HOST", "SIDECAR_CHECK_INTERVAL", "SIDECAR_CHECK_TIMEOUT", "SIDECAR_DEREGISTER_AFTER",
         "SIDECAR_CONNECT_TIMEOUT", "SIDECAR_REQUEST_TIMEOUT", "SIDECAR_RETRIES", "SIDECAR_ACCESS_LOG",
-        "SIDECAR_UNIX_SOCKET"}
+        "SIDECAR_UNIX_SOCKET", "SIDECAR_APP_METRICS"}
     g = GatewaySettings.from_env({})
     assert (g.host, g.port, g.admin_port, g.reuse_port, g.service, g.index) == ("127.0.0.1", 3000, 0, False, "gateway", 1)
     assert g.service_id == f"gateway-{socket.gethostname()}-1" and g.instance == "gateway.1"

@@ -106,6 +106,7 @@ class Gateway:
             self.table = RouteTable(endpoint.consul, self._service_route,
                                     on_change=lambda: self.openapi and self.openapi.invalidate(), connect=s.mtls)
             self.openapi = OpenApiMerger(self.table, tls=self.outbound)
+            self.metrics.balancers = lambda: (route.balancer for route in self.table.routes.values())
             own = await self._start_own_app()
             endpoint.at_close(self._own_runner.cleanup)
             own_route = self._route("gateway", Balancer("gateway", eject_after=1_000_000))
@@ -127,7 +128,7 @@ class Gateway:
             if s.register:
                 endpoint.announce(
                     service_id=s.service_id, name=s.service, address=registered,
-                    port=s.port, meta=InstanceMeta(instance=s.index, role="gateway").to_meta(),
+                    port=s.port, meta=InstanceMeta(instance=s.index, role="gateway", metrics_port=own).to_meta(),
                     check_url=f"http://127.0.0.1:{own}/health",
                 )
                 await endpoint.register()

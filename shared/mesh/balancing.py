@@ -56,6 +56,7 @@ class Balancer:
         self.backends: list[Backend] = []
         self._by_key: dict[str, Backend] = {}
         self.known = False  # at least one answer from discovery arrived
+        self.ejections = 0  # instances ejected so far (a counter for the metrics)
 
     def update(self, members: Iterable[tuple[str, str, int, dict[str, str]]]) -> None:
         """Replace the set with (key, host, port, meta) tuples; keep state of those that stay."""
@@ -108,6 +109,7 @@ class Balancer:
         if backend.failures >= self.eject_after:
             backend.ejected_until = time.monotonic() + self.eject_for
             backend.failures = 0
+            self.ejections += 1
 
     def ejected(self) -> int:
         now = time.monotonic()

@@ -2,7 +2,8 @@
 
 The sidecar writes it for its instance and the gateway for itself (`to_meta()`); the
 gateway's route table and OpenAPI merger, discovery's Idempotency-Key rule and the
-choice of a Unix socket (shared.mesh.local) read it (`from_meta()`).
+choice of a Unix socket (shared.mesh.local) read it (`from_meta()`), and Prometheus's
+Consul discovery reads the metrics ports (supervisor/infra/prometheus.py).
 
 Consul Meta maps strings to strings. A value at its default is left out (an instance
 without a route has no `route` key), a bool is "true" when set. Reading is lenient,
@@ -31,6 +32,12 @@ class InstanceMeta(msgspec.Struct, kw_only=True, frozen=True):
     # (shared.mesh.local).
     unix_socket: str = ""
     host_id: str = ""  # where it runs: the kernel's boot id and network namespace
+    # Where this host's Prometheus scrapes it, on 127.0.0.1 (supervisor/infra/prometheus.py):
+    # the sidecar's admin listener or the gateway's own endpoints, and the app itself
+    # (at app_metrics_path, "" meaning /metrics; no app_metrics_port: the app has none).
+    metrics_port: int = 0
+    app_metrics_port: int = 0
+    app_metrics_path: str = ""
 
     def to_meta(self) -> dict[str, str]:
         """The Consul Meta announcing this."""

@@ -11,9 +11,10 @@ import asyncio
 import bisect
 import os
 import time
+from collections.abc import Callable, Iterable
 
 import msgspec
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -29,10 +30,13 @@ class _Latency:
 
 
 class RelayMetrics:
-    """Counters by route: requests by status, latency histogram, upstream errors, retries."""
+    """Counters by route: requests by status, latency histogram, upstream errors, retries,
+    and the ejections of the balancers that `balancers` returns (shared.mesh.balancing,
+    named after the service they pick instances of; set by the relay's owner)."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self.balancers: Callable[[], Iterable] = tuple
         self.requests: dict[tuple[str, int], int] = {}
         self.latency: dict[str, _Latency] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
@@ -83,6 +87,14 @@ class RelayMetrics:
         for route, value in sorted(self.retries.items()):
             retries.add_metric([route], value)
         yield retries
+        ejections = CounterMetricFamily(f"{p}_ejections", "Instances ejected after consecutive failures",
+                                        labels=["route"])
+        ejected = GaugeMetricFamily(f"{p}_ejected_instances", "Instances ejected now", labels=["route"])
+        for balancer in sorted(self.balancers(), key=lambda b: b.name):
+            ejections.add_metric([balancer.name], balancer.ejections)
+            ejected.add_metric([balancer.name], balancer.ejected())
+        yield ejections
+        yield ejected
 
     def render(self, extra: CollectorRegistry | None = None) -> bytes:
         text = generate_latest(self.registry)

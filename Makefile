@@ -7,9 +7,9 @@ VENV    := .venv
 STAMP   := $(VENV)/.meshvisor-installed
 CONSUL  := .tools/consul/usr/bin/consul
 
-.PHONY: setup start test cluster-demo bench bench-relay bench-sidecar bench-gateway bench-hosts clean-state consul postgres wrk proxies
+.PHONY: setup start test cluster-demo bench bench-relay bench-sidecar bench-gateway bench-hosts clean-state consul postgres prometheus wrk proxies
 
-setup: $(STAMP) consul postgres
+setup: $(STAMP) consul postgres prometheus
 
 $(STAMP): requirements.lock pyproject.toml scripts/setup-venv.sh
 	@scripts/setup-venv.sh
@@ -20,6 +20,9 @@ consul:
 
 postgres:
 	@scripts/install-postgres.sh
+
+prometheus:
+	@scripts/install-prometheus.sh
 
 start: setup
 	@$(VENV)/bin/supervisor start

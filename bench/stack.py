@@ -39,6 +39,9 @@ start_timeout = 60.0
 mode = "external"
 address = "{consul}"
 
+[prometheus]
+mode = "off"
+
 [postgres]
 port = {postgres}
 

@@ -17,6 +17,7 @@ import msgspec
 from sidecar.settings import SidecarSettings
 from supervisor.config_hosts import port_of as _port_of
 from supervisor.config_hosts import validate_hosts
+from supervisor.config_prometheus import PrometheusSettings, validate_prometheus
 from supervisor.procfile import ProcfileError, parse_procfile
 
 CONFIG_FILE = "config/meshvisor.toml"
@@ -169,6 +170,7 @@ class FileSettings(_Strict):
     consul: ConsulSettings = msgspec.field(default_factory=ConsulSettings)
     mesh: MeshSettings = msgspec.field(default_factory=MeshSettings)
     postgres: PostgresSettings = msgspec.field(default_factory=PostgresSettings)
+    prometheus: PrometheusSettings = msgspec.field(default_factory=PrometheusSettings)
     services: dict[str, ServiceSettings] = msgspec.field(default_factory=dict)
 
 
@@ -206,6 +208,7 @@ class Config(msgspec.Struct, kw_only=True):
     consul: ConsulSettings
     mesh: MeshSettings
     postgres: PostgresSettings
+    prometheus: PrometheusSettings
     services: dict[str, Service]
 
     @property
@@ -257,6 +260,7 @@ def load(config_path: str | os.PathLike[str] | None = None) -> Config:
         consul=settings.consul,
         mesh=settings.mesh,
         postgres=settings.postgres,
+        prometheus=settings.prometheus,
         services={
             name: _resolve_service(name, commands[name], svc, settings)
             for name, svc in settings.services.items()
@@ -347,6 +351,7 @@ def _validate(config: Config, file: FileSettings, commands: dict[str, str], show
     if config.postgres.mode == "embedded" and any(
             s.database and not s.database_url for s in config.services.values()):
         claim(config.postgres.port, "postgres.port")
+    validate_prometheus(config.prometheus, claim, fail)
 
     databases: dict[str, str] = {}
     for svc in config.services.values():

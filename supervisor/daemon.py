@@ -1,7 +1,8 @@
 """The running supervisor: brings the stack up in order, serves the control API, takes it down.
 
 Order up: Consul (until it has a leader, and with ACLs until the management token
-works), the mesh's tokens and intentions (supervisor/infra/connect.py), PostgreSQL (until
+works), the mesh's tokens and intentions (supervisor/infra/connect.py), Prometheus (until
+it is ready; supervisor/infra/prometheus.py), PostgreSQL (until
 it accepts logins, then one database and role per service), then every instance of every
 service. Down: services first, infrastructure last.
 
@@ -33,6 +34,7 @@ from supervisor.infra import InfraError, acl
 from supervisor.infra import connect as connect_infra
 from supervisor.infra import consul as consul_infra
 from supervisor.infra import postgres as postgres_infra
+from supervisor.infra import prometheus as prometheus_infra
 from supervisor.logs import LogFiles, Printer
 from supervisor.ports import ephemeral_overlap, ephemeral_range
 from supervisor.process import Process, ProcessSpec, State
@@ -163,6 +165,8 @@ class Daemon:
         else:
             await consul_infra.wait_for_external(consul.address, consul.token, consul.start_timeout)
         await self.prepare_mesh(self.config)
+        if self.config.prometheus.mode == "embedded":
+            await self._start_infra(await prometheus_infra.spec(self.config, env), self.config.prometheus.start_timeout)
         await self.provision_databases(self.config)
         for service in self.config.services.values():
             self.groups[service.name] = self.new_group(service)

@@ -132,6 +132,9 @@ token = "{self.token}"
 [postgres]
 {postgres}
 
+[prometheus]
+mode = "off"
+
 {services if services is not None else self.app_services(host.index)}
 """
 

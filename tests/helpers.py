@@ -363,11 +363,15 @@ class ConsulDevAgent:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# A test stack's [prometheus] table: none (the default would start one on port 9090 per stack).
+PROMETHEUS_OFF = 'mode = "off"'
+
+
 def mesh_project(consul: str, services: dict[str, str], *, gateway_port: int | None = None,
-                 gateway_env: str = "", drain_seconds: float = 0.5) -> Project:
+                 gateway_env: str = "", drain_seconds: float = 0.5, prometheus: str = PROMETHEUS_OFF) -> Project:
     """A stack on an external Consul agent: tests/programs/web.py for every service in
     `services` (name -> extra TOML lines of its table), each behind a sidecar, and the
-    gateway on `gateway_port` if given."""
+    gateway on `gateway_port` if given; `prometheus`: its [prometheus] table (off)."""
     procfile = f"gateway: {PY} -m services.gateway\n" if gateway_port else ""
     procfile += "".join(f"{name}: {PY} {PROGRAMS / 'web.py'}\n" for name in services)
     tables = "".join(f"[services.{name}]\ndrain_seconds = {drain_seconds}\n{extra}\n"
@@ -375,15 +379,16 @@ def mesh_project(consul: str, services: dict[str, str], *, gateway_port: int | N
     if gateway_port:
         tables = (f"[services.gateway]\nport = {gateway_port}\nsidecar = false\nhealth = \"/health\"\n"
                   f"env = {{ GATEWAY_DRAIN_SECONDS = \"0.3\" {gateway_env} }}\n\n") + tables
-    return Project(procfile, f"""{stack_settings(consul, start_timeout=20.0)}
+    return Project(procfile, f"""{stack_settings(consul, start_timeout=20.0, prometheus=prometheus)}
 {tables}""")
 
 
-def stack_settings(consul: str, *, start_timeout: float) -> str:
-    """The [supervisor], [restart] and [consul] tables of a test stack: instance ports of
-    its own, quick restarts, the Consul agent at `consul` (with its management token as
-    [consul] token when it is an ACL agent of this run: the supervisor then makes the
-    services' tokens with it)."""
+def stack_settings(consul: str, *, start_timeout: float, prometheus: str = PROMETHEUS_OFF) -> str:
+    """The [supervisor], [restart], [consul] and [prometheus] tables of a test stack:
+    instance ports of its own, quick restarts, the Consul agent at `consul` (with its
+    management token as [consul] token when it is an ACL agent of this run: the supervisor
+    then makes the services' tokens with it), no Prometheus unless `prometheus` (the
+    table's lines) says otherwise."""
     low, high = free_range(80)
     token = ACL_TOKENS.get(consul)
     acl = f'acl = true\ntoken = "{token}"\n' if token else ""
@@ -395,6 +400,9 @@ start_timeout = {start_timeout}
 [restart]
 backoff_initial = 0.2
 backoff_max = 1.0
+
+[prometheus]
+{prometheus}
 
 [consul]
 mode = "external"

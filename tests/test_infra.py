@@ -35,6 +35,9 @@ def stack():
         [postgres]
         port = {pg}
 
+        [prometheus]
+        mode = "off"
+
         [services.auth]
         database = "auth"
         sidecar = false
@@ -128,6 +131,8 @@ port_range = [{low}, {high}]
 [consul]
 mode = "external"
 address = "{consul_agent}"
+[prometheus]
+mode = "off"
 [postgres]
 port = {pg}
 [services.a]
@@ -145,6 +150,8 @@ port_range = [{low2}, {high2}]
 [consul]
 mode = "external"
 address = "{consul_agent}"
+[prometheus]
+mode = "off"
 [postgres]
 mode = "external"
 dsn = "postgresql://postgres@/postgres?host={socket_dir}&port={pg}"

@@ -36,6 +36,9 @@ stable_after = 2.0
 mode = "external"
 address = "{consul}"
 
+[prometheus]
+mode = "off"
+
 {extra}
 {tables}"""
     return Project(procfile, config)

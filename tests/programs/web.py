@@ -3,6 +3,7 @@
   GET  /bytes/N     N bytes of a repeating pattern (streamed, Content-Length)
   GET  /sleep/S     answers after S seconds
   GET  /openapi.json  a small OpenAPI document with one path under $SERVICE_ROUTE
+  GET  /metrics     web_requests_total (requests answered so far), in Prometheus's text format
   GET  anything     {"pid": ..., "path": ..., "headers": {...}, "via": "tcp" or "unix"}
   POST anything     {"pid": ..., "length": ..., "sha256": ...} of the body (streamed)
 
@@ -16,6 +17,7 @@ It listens on 127.0.0.1:$PORT and, if $APP_SOCKET is set, on that Unix socket to
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -29,12 +31,22 @@ from socketserver import ThreadingUnixStreamServer
 
 
 PATTERN = bytes(range(256)) * 4096  # 1 MiB
+ANSWERED = itertools.count()  # next() is atomic under the GIL: one per request, across threads
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as real apps do
 
     def do_GET(self):
+        answered = next(ANSWERED)
+        if self.path == "/metrics":
+            body = f"# TYPE web_requests counter\nweb_requests_total {answered}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         # Markers may follow a route prefix (/api/v1/x/sleep/2): the gateway passes full paths.
         if "/sleep/" in self.path:
             time.sleep(float(self.path.split("/sleep/")[1].split("/")[0]))
@@ -64,6 +76,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json({"pid": os.getpid(), "path": self.path, "headers": dict(self.headers), "via": via})
 
     def do_POST(self):
+        next(ANSWERED)
         remaining = int(self.headers.get("Content-Length", "0"))
         digest, length = hashlib.sha256(), 0
         while remaining > 0:

@@ -29,7 +29,7 @@ SIDECAR_ELSEWHERE = SidecarSettings(
 )
 GATEWAY_ELSEWHERE = GatewaySettings(
     service="edge", index=2, service_id="edge-n-2", node="n", consul_address="10.0.0.1:8501",
-    consul_token="secret", host="0.0.0.0", port=8080, admin_port=8081, reuse_port=True, register=False,
+    consul_token="secret", host="0.0.0.0", advertise="10.0.0.2", port=8080, admin_port=8081, reuse_port=True, register=False,
     max_body=1024, connect_timeout=1.5, request_timeout=60.0, retries=5, access_log=False, drain_seconds=0.25,
     mtls=False,
 )
@@ -59,7 +59,7 @@ def test_variable_names_and_defaults_are_the_documented_ones():
     assert s.mtls is True  # plain HTTP between mesh members only when asked for
     assert s.app_metrics == "/metrics"
     assert SidecarSettings.env_names() == SIDECAR_ENV_FROM_SUPERVISOR | {
-        "CONSUL_NODE", "SIDECAR_HOST", "SIDECAR_CHECK_INTERVAL", "SIDECAR_CHECK_TIMEOUT", "SIDECAR_DEREGISTER_AFTER",
+        "CONSUL_NODE", "SIDECAR_CHECK_INTERVAL", "SIDECAR_CHECK_TIMEOUT", "SIDECAR_DEREGISTER_AFTER",
         "SIDECAR_CONNECT_TIMEOUT", "SIDECAR_REQUEST_TIMEOUT", "SIDECAR_RETRIES", "SIDECAR_ACCESS_LOG",
         "SIDECAR_UNIX_SOCKET", "SIDECAR_APP_METRICS"}
     g = GatewaySettings.from_env({})
@@ -68,7 +68,7 @@ def test_variable_names_and_defaults_are_the_documented_ones():
     assert (g.consul_address, g.consul_token, g.register, g.max_body) == ("127.0.0.1:8500", "", True, 10 * 1024 * 1024)
     assert (g.connect_timeout, g.request_timeout, g.retries, g.access_log, g.drain_seconds) == (2.0, 30.0, 2, True, 1.0)
     assert GatewaySettings.env_names() == {
-        "HOST", "PORT", "ADMIN_PORT", "REUSE_PORT", "SERVICE_NAME", "INSTANCE_INDEX", "SERVICE_ID", "CONSUL_NODE",
+        "HOST", "MESH_ADVERTISE", "PORT", "ADMIN_PORT", "REUSE_PORT", "SERVICE_NAME", "INSTANCE_INDEX", "SERVICE_ID", "CONSUL_NODE",
         "CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "MESH_MTLS", "GATEWAY_REGISTER", "GATEWAY_MAX_BODY", "GATEWAY_CONNECT_TIMEOUT",
         "GATEWAY_REQUEST_TIMEOUT", "GATEWAY_RETRIES", "GATEWAY_ACCESS_LOG", "GATEWAY_DRAIN_SECONDS"}
 
@@ -77,7 +77,7 @@ def test_the_names_sidecar_env_may_not_use_are_those_the_supervisor_sets():
     assert SIDECAR_ENV_FROM_SUPERVISOR == SidecarSettings.env_names(supervisor=True) == {
         "SERVICE_NAME", "INSTANCE_INDEX", "SERVICE_ID", "SIDECAR_PORT", "APP_PORT", "SIDECAR_ADMIN_PORT",
         "HEALTH_PATH", "SERVICE_ROUTE", "OPENAPI_PATH", "SERVICE_VERSION", "SERVICE_IDEMPOTENCY_KEY",
-        "SIDECAR_UPSTREAMS", "SIDECAR_DRAIN_SECONDS", "SIDECAR_REUSE_PORT", "APP_SOCKET", "CONSUL_HTTP_ADDR",
+        "SIDECAR_UPSTREAMS", "SIDECAR_DRAIN_SECONDS", "SIDECAR_REUSE_PORT", "APP_SOCKET", "SIDECAR_HOST", "CONSUL_HTTP_ADDR",
         "CONSUL_HTTP_TOKEN", "MESH_MTLS"}
     # What the supervisor decides is always written, even at its default; the rest only
     # where it differs, so an operator's sidecar_env beneath is not overwritten.

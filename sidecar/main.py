@@ -145,8 +145,8 @@ class Sidecar:
         # which a keyed POST survives too when this app honours the key.
         route = Route("inbound", app, connect_timeout=self.s.connect_timeout,
                       request_timeout=self.s.request_timeout, retries=1, idempotency_key=self.s.idempotency_key)
-        relay = Relay(RelaySettings("inbound"), lambda method, target: route, self.metrics, self.access_log,
-                      inbound=self.inbound)
+        relay = Relay(RelaySettings("inbound", header_timeout=self.s.header_timeout), lambda method, target: route,
+                      self.metrics, self.access_log, inbound=self.inbound)
         tls = self.inbound.context if self.inbound is not None else None
         await self.endpoint.listen(relay, self.s.host, self.s.port, reuse_port=self.s.reuse_port, ssl=tls)
         if self.s.unix_socket and local.host_id():
@@ -175,8 +175,8 @@ class Sidecar:
             self.watches[name] = watch
             self.endpoint.at_close(watch.stop)
             await watch.start()
-            relay = Relay(RelaySettings("upstream"), lambda method, target, route=route: route,
-                          self.metrics, self.access_log)
+            relay = Relay(RelaySettings("upstream", header_timeout=self.s.header_timeout),
+                          lambda method, target, route=route: route, self.metrics, self.access_log)
             await self.endpoint.listen(relay, "127.0.0.1", port)
 
     async def _register_when_app_ready(self) -> None:

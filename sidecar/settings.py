@@ -62,6 +62,8 @@ class SidecarSettings(InstanceSettings, kw_only=True):
     deregister_after: Annotated[str, Var("SIDECAR_DEREGISTER_AFTER")] = "1m"
     connect_timeout: Annotated[float, Var("SIDECAR_CONNECT_TIMEOUT")] = 2.0
     request_timeout: Annotated[float, Var("SIDECAR_REQUEST_TIMEOUT")] = 30.0
+    # A request head must be whole within this many seconds (else 408 and close).
+    header_timeout: Annotated[float, Var("SIDECAR_HEADER_TIMEOUT")] = 10.0
     retries: Annotated[int, Var("SIDECAR_RETRIES")] = 2
     access_log: Annotated[bool, Var("SIDECAR_ACCESS_LOG")] = True
     # Also listen on an abstract Unix socket and announce it, for gateways and sidecars on

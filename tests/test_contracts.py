@@ -24,14 +24,14 @@ SIDECAR_ELSEWHERE = SidecarSettings(
     admin_port=21002, health="/healthz", route="/api/v1/api", openapi="/openapi.json", version="7",
     idempotency_key=True, upstreams={"billing": 21003, "auth-x": 21004}, reuse_port=True,
     drain_seconds=0.5, check_interval="5s", check_timeout="3s", deregister_after="2m",
-    connect_timeout=1.5, request_timeout=60.0, retries=0, access_log=False, unix_socket=False, mtls=False,
-    app_metrics="",
+    connect_timeout=1.5, request_timeout=60.0, header_timeout=4.0, retries=0, access_log=False, unix_socket=False,
+    mtls=False, app_metrics="",
 )
 GATEWAY_ELSEWHERE = GatewaySettings(
     service="edge", index=2, service_id="edge-n-2", node="n", consul_address="10.0.0.1:8501",
-    consul_token="secret", host="0.0.0.0", advertise="10.0.0.2", port=8080, admin_port=8081, reuse_port=True, register=False,
-    max_body=1024, connect_timeout=1.5, request_timeout=60.0, retries=5, access_log=False, drain_seconds=0.25,
-    mtls=False,
+    consul_token="secret", host="0.0.0.0", advertise="10.0.0.2", port=8080, admin_port=8081, reuse_port=True,
+    register=False, max_body=1024, connect_timeout=1.5, request_timeout=60.0, header_timeout=2.5, retries=5,
+    access_log=False, drain_seconds=0.25, mtls=False,
 )
 
 
@@ -56,21 +56,24 @@ def test_variable_names_and_defaults_are_the_documented_ones():
     assert (s.upstreams, s.consul_address, s.consul_token, s.reuse_port) == ({}, "127.0.0.1:8500", "", False)
     assert (s.drain_seconds, s.check_interval, s.check_timeout, s.deregister_after) == (2.0, "2s", "1s", "1m")
     assert (s.connect_timeout, s.request_timeout, s.retries, s.access_log, s.unix_socket) == (2.0, 30.0, 2, True, True)
+    assert s.header_timeout == 10.0
     assert s.mtls is True  # plain HTTP between mesh members only when asked for
     assert s.app_metrics == "/metrics"
     assert SidecarSettings.env_names() == SIDECAR_ENV_FROM_SUPERVISOR | {
         "CONSUL_NODE", "SIDECAR_CHECK_INTERVAL", "SIDECAR_CHECK_TIMEOUT", "SIDECAR_DEREGISTER_AFTER",
-        "SIDECAR_CONNECT_TIMEOUT", "SIDECAR_REQUEST_TIMEOUT", "SIDECAR_RETRIES", "SIDECAR_ACCESS_LOG",
-        "SIDECAR_UNIX_SOCKET", "SIDECAR_APP_METRICS"}
+        "SIDECAR_CONNECT_TIMEOUT", "SIDECAR_REQUEST_TIMEOUT", "SIDECAR_HEADER_TIMEOUT", "SIDECAR_RETRIES",
+        "SIDECAR_ACCESS_LOG", "SIDECAR_UNIX_SOCKET", "SIDECAR_APP_METRICS"}
     g = GatewaySettings.from_env({})
     assert (g.host, g.port, g.admin_port, g.reuse_port, g.service, g.index) == ("127.0.0.1", 3000, 0, False, "gateway", 1)
     assert g.service_id == f"gateway-{socket.gethostname()}-1" and g.instance == "gateway.1"
     assert (g.consul_address, g.consul_token, g.register, g.max_body) == ("127.0.0.1:8500", "", True, 10 * 1024 * 1024)
     assert (g.connect_timeout, g.request_timeout, g.retries, g.access_log, g.drain_seconds) == (2.0, 30.0, 2, True, 1.0)
+    assert g.header_timeout == 10.0
     assert GatewaySettings.env_names() == {
         "HOST", "MESH_ADVERTISE", "PORT", "ADMIN_PORT", "REUSE_PORT", "SERVICE_NAME", "INSTANCE_INDEX", "SERVICE_ID", "CONSUL_NODE",
         "CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "MESH_MTLS", "GATEWAY_REGISTER", "GATEWAY_MAX_BODY", "GATEWAY_CONNECT_TIMEOUT",
-        "GATEWAY_REQUEST_TIMEOUT", "GATEWAY_RETRIES", "GATEWAY_ACCESS_LOG", "GATEWAY_DRAIN_SECONDS"}
+        "GATEWAY_REQUEST_TIMEOUT", "GATEWAY_HEADER_TIMEOUT", "GATEWAY_RETRIES", "GATEWAY_ACCESS_LOG",
+        "GATEWAY_DRAIN_SECONDS"}
 
 
 def test_the_names_sidecar_env_may_not_use_are_those_the_supervisor_sets():
@@ -86,9 +89,9 @@ def test_the_names_sidecar_env_may_not_use_are_those_the_supervisor_sets():
 
 
 SIDECAR_NUMBERS = ["INSTANCE_INDEX", "SIDECAR_PORT", "APP_PORT", "SIDECAR_ADMIN_PORT", "SIDECAR_DRAIN_SECONDS",
-                   "SIDECAR_CONNECT_TIMEOUT", "SIDECAR_REQUEST_TIMEOUT", "SIDECAR_RETRIES"]
+                   "SIDECAR_CONNECT_TIMEOUT", "SIDECAR_REQUEST_TIMEOUT", "SIDECAR_HEADER_TIMEOUT", "SIDECAR_RETRIES"]
 GATEWAY_NUMBERS = ["PORT", "ADMIN_PORT", "INSTANCE_INDEX", "GATEWAY_MAX_BODY", "GATEWAY_CONNECT_TIMEOUT",
-                   "GATEWAY_REQUEST_TIMEOUT", "GATEWAY_RETRIES", "GATEWAY_DRAIN_SECONDS"]
+                   "GATEWAY_REQUEST_TIMEOUT", "GATEWAY_HEADER_TIMEOUT", "GATEWAY_RETRIES", "GATEWAY_DRAIN_SECONDS"]
 
 
 @pytest.mark.parametrize("cls, name", [(SidecarSettings, n) for n in SIDECAR_NUMBERS]

@@ -115,7 +115,8 @@ class Gateway:
             endpoint.at_close(self.table.stop)
             await self.table.start()
             relay = Relay(
-                RelaySettings("gateway", forwarded=True, echo_request_id=True, max_body=s.max_body),
+                RelaySettings("gateway", forwarded=True, echo_request_id=True, max_body=s.max_body,
+                              header_timeout=s.header_timeout),
                 self.route_for, self.metrics, self.access_log,
             )
             await endpoint.listen(relay, s.host, s.port, reuse_port=s.reuse_port, backlog=2048)

@@ -30,6 +30,8 @@ class GatewaySettings(InstanceSettings, kw_only=True):
     max_body: Annotated[int, Var("GATEWAY_MAX_BODY")] = 10 * 1024 * 1024  # larger bodies get 413
     connect_timeout: Annotated[float, Var("GATEWAY_CONNECT_TIMEOUT")] = 2.0
     request_timeout: Annotated[float, Var("GATEWAY_REQUEST_TIMEOUT")] = 30.0
+    # A client's request head must be whole within this many seconds (else 408 and close).
+    header_timeout: Annotated[float, Var("GATEWAY_HEADER_TIMEOUT")] = 10.0
     retries: Annotated[int, Var("GATEWAY_RETRIES")] = 2
     access_log: Annotated[bool, Var("GATEWAY_ACCESS_LOG")] = True
     drain_seconds: Annotated[float, Var("GATEWAY_DRAIN_SECONDS")] = 1.0

@@ -8,7 +8,12 @@ ClientSide is the asyncio Protocol the listener serves with, and the request loo
 - the route is the router's answer for its method and target; a request is safe to send
   twice (`retry_safe`) with an idempotent method, or with an Idempotency-Key to a
   service that honours it;
-- the next pipelined request waits in `buf` until the current exchange has ended.
+- the next pipelined request waits in `buf` until the current exchange has ended;
+- a request head must be whole within `header_timeout` of the connection's accept, or
+  of its first bytes on a kept-alive connection (nginx's client_header_timeout; the
+  wait between requests is the idle timeout's): else 408 and close. No timer per
+  request: the listener's deadline sweep checks `head_deadline`, set off the hot path
+  (a head that comes whole in one read only clears it).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from shared.mesh.relay.forwarding import Forwarding
-from shared.mesh.relay.headers import rewrite_request
+from shared.mesh.relay.headers import new_id, rewrite_request
 from shared.mesh.relay.http1 import CHUNKED, IDEMPOTENCY_KEY, LENGTH, MAX_HEAD, NONE, framing
 
 if TYPE_CHECKING:
@@ -93,6 +98,21 @@ class ClientSide(Forwarding):
             self._record(499)  # nginx's "client closed the request"
             self.busy = False
 
+    def head_timed_out(self) -> None:
+        """No whole request head by `head_deadline` (Relay's sweep): 408 and close when
+        part of one came; a quiet close when nothing did (a pre-connection, an unused
+        pooled one: nothing was asked, so nothing is answered)."""
+        self.head_deadline = 0.0
+        if self.busy or self.lingering or self.tunnel is not None or self.closed:
+            return
+        if not self.buf.strip(b"\r\n"):
+            self.close()
+            return
+        timeout = self.relay.settings.header_timeout
+        self.started = time.perf_counter() - timeout  # the access log's duration: about the wait
+        self.request_id = new_id()
+        self._reply(408, f"no complete request head within {timeout:g}s", close=True)
+
     # httptools callback (chunked request bodies only)
     def on_message_complete(self) -> None:
         self.req_done = True
@@ -115,7 +135,10 @@ class ClientSide(Forwarding):
         if end < 0 or end + 4 > MAX_HEAD:
             if len(buf) > MAX_HEAD:
                 self._reply(431, "request head too large", close=True)
+            elif not self.head_deadline:  # its first bytes, on a kept-alive connection
+                self.head_deadline = self.relay.loop.time() + self.relay.settings.header_timeout
             return
+        self.head_deadline = 0.0
         head = buf[:end + 4]
         rest = buf[end + 4:]
         self.buf = b""

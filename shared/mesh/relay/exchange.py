@@ -22,7 +22,10 @@ Invariants:
   goes, the request is abandoned, the connection rather than the instance failed, or
   the request became a tunnel. Nothing else touches an instance's counts;
 - `deadline` bounds the wait for the instance (its response head, then each piece of its
-  body); 0 while the client is the slow side. The listener sweeps the deadlines.
+  body); 0 while the client is the slow side. `head_deadline` bounds the wait for the
+  client's next request head: set at accept and when a head's first bytes come on a
+  kept-alive connection, 0 once it is whole, so it is never set while `busy` (an idle
+  kept-alive connection is the idle sweep's). The listener sweeps both in one pass.
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ class Exchange(asyncio.Protocol):
     """A client connection's state and the end of each exchange (see the module's doc)."""
 
     __slots__ = ("attempts", "body_mode", "body_seen", "buf", "busy", "closed", "connecting", "deadline", "decision", "eof",
-                 "fresh_only", "head_out", "is_head", "keep_alive", "last_active", "lease", "lease_holder",
-                 "lingering", "method", "parser", "paused_upstream", "peer", "pending", "pending_size",
+                 "fresh_only", "head_deadline", "head_out", "is_head", "keep_alive", "last_active", "lease",
+                 "lease_holder", "lingering", "method", "parser", "paused_upstream", "peer", "pending", "pending_size",
                  "reading_paused", "relay", "remaining", "replay", "replay_size", "req_done", "request_id",
                  "response_started", "retry_safe", "route", "sent_any", "spare_parser", "started", "status",
                  "target", "transport", "tried", "tunnel", "upgrade", "upstream")
@@ -81,6 +84,8 @@ class Exchange(asyncio.Protocol):
         self.busy = False
         self.closed = False
         self.last_active = relay.loop.time()
+        # Accepted now: the first request head is due within header_timeout (see _next_request).
+        self.head_deadline = self.last_active + relay.settings.header_timeout
         self.tunnel: UpstreamSide | None = None
         self.peer = ""
         self.reading_paused = False

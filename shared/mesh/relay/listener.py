@@ -5,7 +5,8 @@ Relay is what the sidecar's and the gateway's listeners are built on
 record, the pool of connections to instances, and the open client connections, which it
 sweeps for idle keep-alive clients and for passed request deadlines, and drains.
 
-One sweep (every DEADLINE_SWEEP seconds) enforces every request deadline instead of a
+One sweep (every DEADLINE_SWEEP seconds) enforces every request deadline, and every
+request head's (header_timeout: 408 to a client that dribbles its head), instead of a
 timer per request: a timer costs more than the rest of the bookkeeping of a small request.
 
 With mTLS (shared.mesh.mtls), `inbound` judges who may send requests to this listener
@@ -80,6 +81,8 @@ class Relay:
         for conn in list(self.connections):
             if conn.deadline and conn.deadline <= now:
                 conn.timed_out()
+            elif conn.head_deadline and conn.head_deadline <= now:
+                conn.head_timed_out()
         self._deadline_check = self.loop.call_later(DEADLINE_SWEEP, self._expire_deadlines)
 
     def _close_idle_clients(self) -> None:

@@ -41,4 +41,7 @@ class RelaySettings:
     echo_request_id: bool = False  # return X-Request-Id on responses that lack it
     max_body: int | None = None  # 413 above this many bytes
     idle_timeout: float = 75.0  # close client keep-alive connections idle this long
+    # A request head must be whole this long after the connection was accepted, or after
+    # its first bytes on a kept-alive one: else 408 (a quiet close if no byte came at all).
+    header_timeout: float = 10.0
     max_idle_per_backend: int = 64

@@ -12,6 +12,9 @@ relay.exchange for the three).
   relay.retry's decision; what the client is told when it is not, too.
 - A request whose response does not start (or stops coming) within the route's
   request_timeout is answered 504 (Relay sweeps the deadlines and calls timed_out).
+- A connection that cannot be opened because this process is out of file descriptors
+  (EMFILE/ENFILE) is our failure, not the instance's: no retry, no mark against the
+  instance, 503 to the client (relay.retry).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from shared.mesh.balancing import Backend
 from shared.mesh.relay.exchange import Exchange
 from shared.mesh.relay.http1 import CHUNKED, LENGTH
 from shared.mesh.relay.pool import Pool
-from shared.mesh.relay.retry import RETRY, RETRY_FRESH, failure_answer, next_step, stale_connection
+from shared.mesh.relay.retry import (OUT_OF_DESCRIPTORS, RETRY, RETRY_FRESH, failure_answer, next_step,
+                                     stale_connection)
 from shared.mesh.relay.upstream import UpstreamSide
 
 REPLAY_LIMIT = 64 * 1024  # requests up to this size can be replayed on another instance
@@ -61,7 +65,10 @@ class Forwarding(Exchange):
             raise
         except (OSError, asyncio.TimeoutError) as exc:
             self.connecting = None
-            kind = "connect_timeout" if isinstance(exc, asyncio.TimeoutError) else "connect_refused"
+            if isinstance(exc, asyncio.TimeoutError):
+                kind = "connect_timeout"
+            else:
+                kind = "descriptors" if exc.errno in OUT_OF_DESCRIPTORS else "connect_refused"
             self.attempt_failed(kind, True)
             return
         self.connecting = None
@@ -168,7 +175,7 @@ class Forwarding(Exchange):
         self.deadline = 0.0
         stale = stale_connection(kind, self.fresh_only)
         if lease is not None:
-            if stale:
+            if stale or kind == "descriptors":  # not the instance's failure
                 lease.released()
             else:
                 lease.failed()
@@ -180,7 +187,7 @@ class Forwarding(Exchange):
             return
         step = next_step(stale=stale, any_method=any_method, retry_safe=self.retry_safe, sent_any=self.sent_any,
                          replay_kept=self.replay is not None, attempts=self.attempts, retries=route.retries,
-                         untried=len(route.balancer.backends) - len(self.tried))
+                         untried=len(route.balancer.backends) - len(self.tried), local=kind == "descriptors")
         if step == RETRY_FRESH:
             self.fresh_only = True
         elif step == RETRY:

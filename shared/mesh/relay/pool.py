@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from shared.mesh import local
 from shared.mesh.balancing import Backend
+from shared.mesh.relay.retry import OUT_OF_DESCRIPTORS
 from shared.mesh.relay.upstream import UpstreamSide
 
 if TYPE_CHECKING:
@@ -62,7 +63,9 @@ class Pool:
         if address is not None and time.monotonic() >= backend.socket_retry_at:
             try:
                 up = (await local.connect(lambda: UpstreamSide(backend), address, context))[1]
-            except OSError:
+            except OSError as exc:
+                if exc.errno in OUT_OF_DESCRIPTORS:  # ours, not the socket's: TCP would fail too
+                    raise
                 backend.socket_retry_at = time.monotonic() + SOCKET_RETRY
         if up is None:
             up = (await self.loop.create_connection(lambda: UpstreamSide(backend), backend.host, backend.port,

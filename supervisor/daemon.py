@@ -37,7 +37,7 @@ from supervisor.infra import postgres as postgres_infra
 from supervisor.infra import prometheus as prometheus_infra
 from supervisor.logs import LogFiles, Printer
 from supervisor.ports import ephemeral_overlap, ephemeral_range
-from supervisor.process import Process, ProcessSpec, State
+from supervisor.process import Process, ProcessSpec, State, raise_open_files_limit
 from supervisor.sampler import Sampler
 from supervisor.service import ServiceGroup
 from supervisor.watchdog import Watchdog
@@ -72,6 +72,7 @@ class Daemon:
     # -- the run -------------------------------------------------------------------
 
     async def run(self) -> int:
+        raise_open_files_limit()  # as for every process it starts (supervisor/process.py)
         state.prepare(self.state_dir)
         lock = state.Lock(self.state_dir)
         try:

@@ -1,7 +1,10 @@
 """One supervised OS process: spawn, restart with backoff, stop its whole tree, stats.
 
-Every process gets its own process group (so a stop reaches whatever it forked) and a
-parent-death signal (so it does not outlive a supervisor killed with SIGKILL).
+Every process gets its own process group (so a stop reaches whatever it forked), a
+parent-death signal (so it does not outlive a supervisor killed with SIGKILL) and its
+open-files soft limit raised to the hard one (systemd's LimitNOFILE: a gateway with
+thousands of clients needs more than the usual soft 1024; the hard limit stays the
+operator's ceiling). The supervisor raises its own once at start too.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import asyncio
 import ctypes
 import enum
 import os
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -53,12 +57,29 @@ class ProcessSpec:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """RLIMIT_NOFILE's soft limit up to its hard one; returns (soft, hard) as they are now.
+
+    Raising the soft limit up to the hard one needs no privilege. Left as it was if the
+    kernel refuses (e.g. a hard limit of "unlimited" above fs.nr_open).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return soft, hard
+
+
 def _child_setup(parent_pid: int, death_signal: int) -> Callable[[], None]:
     def setup() -> None:
         # Runs in the child after setsid/setuid (credential changes clear the setting).
         _libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
+        raise_open_files_limit()
 
     return setup
 

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 import urllib.request
 
 import asyncpg
 import pytest
 
 from supervisor.infra import postgres as postgres_infra
-from tests.helpers import PROGRAMS, PY, Project, alive, free_ports, free_range
+from supervisor.infra import InfraError
+from supervisor.infra import prometheus as prometheus_infra
+from tests.helpers import PROGRAMS, PY, ROOT, Project, alive, free_ports, free_range, wait_for
+
+try:
+    PROMETHEUS = prometheus_infra.find_binary(ROOT)
+except InfraError:
+    PROMETHEUS = None
 
 
 @pytest.fixture
 def stack():
-    http, server, serf_lan, pg = free_ports(4)
+    http, server, serf_lan, pg, prometheus = free_ports(5)
     low, high = free_range(20)
     p = Project(
         f"""\
@@ -36,7 +44,9 @@ def stack():
         port = {pg}
 
         [prometheus]
-        mode = "off"
+        mode = "{'embedded' if PROMETHEUS else 'off'}"
+        address = "127.0.0.1:{prometheus}"
+        scrape_interval = "1s"
 
         [services.auth]
         database = "auth"
@@ -48,7 +58,7 @@ def stack():
         instances = 2
         """,
     )
-    p.http, p.server, p.pg = http, server, pg
+    p.http, p.server, p.pg, p.prometheus = http, server, pg, prometheus
     yield p
     p.cleanup()
 
@@ -74,6 +84,18 @@ def test_embedded_consul_and_postgres(stack):
     with urllib.request.urlopen(f"http://127.0.0.1:{p.http}/ui/", timeout=5) as resp:
         assert resp.status == 200 and b"Consul" in resp.read()
     assert (p.state_dir / "consul").is_dir()
+
+    # Prometheus reads the embedded agent's catalog with the anonymous token (no
+    # agent:read): every discovery call succeeds.
+    if PROMETHEUS:
+        def discovery(what: str) -> float:
+            query = urllib.parse.urlencode({"query": f"sum({what})"})
+            result = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{p.prometheus}/api/v1/query?{query}",
+                                                       timeout=5).read())["data"]["result"]
+            return float(result[0]["value"][1]) if result else -1.0
+        wait_for(lambda: discovery("prometheus_sd_consul_rpc_duration_seconds_count") > 2, 30,
+                 what="Prometheus to ask Consul a few times")
+        assert discovery("prometheus_sd_consul_rpc_failures_total") == 0
 
     # PostgreSQL: each instance got a DATABASE_URL for its own database and role.
     env_auth = instance_env(rows["auth.1"]["pid"])

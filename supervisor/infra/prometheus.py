@@ -144,6 +144,10 @@ def server_settings(config: Config, node: str, rules_file: Path) -> dict:
     sd: dict = {"server": c.address, "allow_stale": True, "refresh_interval": interval}
     if c.token and c.mode == "external":  # the embedded agent's anonymous token may read services and nodes
         sd["token"] = c.token
+    else:
+        # Else Prometheus asks /v1/agent/self for it, which needs agent:read (a 403 to the
+        # anonymous token, every refresh, and no targets at all).
+        sd["datacenter"] = c.datacenter
     return {
         "global": {
             "scrape_interval": interval,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -312,6 +313,33 @@ def logs(ctx: click.Context, target: str | None, follow: bool, lines: int) -> No
         logview.show(files, lines, follow, printer)
     except KeyboardInterrupt:
         pass
+
+
+@main.command()
+@click.argument("request_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def trace(ctx: click.Context, request_id: str, as_json: bool) -> None:
+    """One request's path through the gateway, sidecars and apps, from every process's
+    logs, as a waterfall: REQUEST_ID is a response's X-Request-Id."""
+    cfg = _load(ctx)
+    from supervisor import trace as trace_mod
+    from supervisor import waterfall
+
+    if not trace_mod.REQUEST_ID.fullmatch(request_id):
+        raise click.UsageError(f"'{request_id}' is not a request id (1-128 of A-Z a-z 0-9 . _ : -)")
+    log_dir = cfg.state_dir / "logs"
+    try:
+        found = trace_mod.read(log_dir, request_id)
+    except trace_mod.NotFound:
+        click.echo(f"no log line of request {request_id} in {log_dir}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(msgspec.json.format(msgspec.json.encode(waterfall.as_json(found))).decode())
+        return
+    encoding = (sys.stdout.encoding or "").lower().replace("-", "")
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None  # piped: whole labels
+    click.echo(waterfall.render(found, width=width, unicode=encoding == "utf8"), nl=False)
 
 
 def _consul_token(cfg: config_mod.Config) -> str:

@@ -3,6 +3,13 @@
 Both sit on the hot path, so the path itself only bumps plain counters and appends
 pre-encoded lines; prometheus_client renders the counters when /metrics is scraped, and
 the access log is written in batches (one write per 100 ms, not one per request).
+
+The access log is what `supervisor trace` reads (supervisor/trace.py): one `request` line
+per request and listener (the gateway's, a sidecar's inbound and upstream listeners, an
+app's own, `listener: "app"`), written at its end: `ts` is the end (to the microsecond),
+`ts - duration_ms` the start. A request that was retried also gets one `attempt` line per
+failed attempt (AttemptLine), written as the attempt fails; a request answered at the
+first attempt gets none, so that costs nothing more.
 """
 
 from __future__ import annotations
@@ -117,6 +124,31 @@ class AccessLine(msgspec.Struct):
     retries: int
 
 
+class AttemptLine(msgspec.Struct):
+    """A failed attempt of a request that was retried (or answered after retries).
+
+    `attempt` counts from 1; `error` is the kind of failure (connect_refused,
+    connect_timeout, reset, closed, bad_response, timeout, status_502, status_503) and
+    `status` the instance's answer when it gave one (status_5xx), else 0. The span is
+    `ts - duration_ms` to `ts`.
+    """
+
+    ts: float
+    level: str
+    msg: str
+    service: str
+    instance: str
+    listener: str
+    method: str
+    path: str
+    status: int
+    duration_ms: float
+    upstream: str
+    request_id: str
+    attempt: int
+    error: str
+
+
 class AccessLog:
     """One JSON line per request on stdout (the supervisor files it), written in batches.
 
@@ -143,11 +175,12 @@ class AccessLog:
         buffer = self._buffer
         size = len(buffer)
         try:
-            # Milliseconds to 3 decimals as round(x * 10**k) / 10**k: the nearest double of
-            # such a number prints as just those digits, at a third of round(x, 3)'s cost
-            # (which goes through a decimal string); this runs once per request.
+            # Rounded as round(x * 10**k) / 10**k: the nearest double of such a number
+            # prints as just those digits, at a third of round(x, k)'s cost (which goes
+            # through a decimal string); this runs once per request. The time to the
+            # microsecond, as the duration: `supervisor trace` orders hops by start.
             self._encode_into(AccessLine(
-                round(time.time() * 1000) / 1000, "info", "request", self.service, self.instance, listener,
+                round(time.time() * 1e6) / 1e6, "info", "request", self.service, self.instance, listener,
                 method, path, status, round(seconds * 1e6) / 1000, upstream, request_id, retries,
             ), buffer, -1)
         except Exception:  # msgspec may have grown the buffer already: never flush a torn line
@@ -155,6 +188,21 @@ class AccessLog:
             raise
         buffer += b"\n"
         if len(buffer) > 65536:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(self.interval, self.flush)
+
+    def attempt(self, listener: str, method: str, target: str, status: int, seconds: float,
+                upstream: str, request_id: str, attempt: int, error: str) -> None:
+        """A failed attempt of a request that is, or was, retried: off the hot path."""
+        if not self.enabled:
+            return
+        line = msgspec.json.encode(AttemptLine(
+            round(time.time() * 1e6) / 1e6, "warning", "attempt", self.service, self.instance, listener, method,
+            target.partition("?")[0], status, round(seconds * 1e6) / 1000, upstream, request_id, attempt, error))
+        self._buffer += line + b"\n"
+        if len(self._buffer) > 65536:
             self.flush()
         elif not self._scheduled:
             self._scheduled = True

@@ -9,7 +9,9 @@ relay.exchange for the three).
   connecting, up to PENDING_LIMIT of it waits before reading from the client stops.
 - Up to REPLAY_LIMIT of the request is kept so that it can be sent again: whether an
   attempt that failed is retried, on a fresh connection or another instance, is
-  relay.retry's decision; what the client is told when it is not, too.
+  relay.retry's decision; what the client is told when it is not, too. Each failed
+  attempt of a request that is retried is one line of the access log (an `attempt`
+  line: shared.mesh.telemetry), so `supervisor trace` shows every attempt.
 - A request whose response does not start (or stops coming) within the route's
   request_timeout is answered 504 (Relay sweeps the deadlines and calls timed_out).
 - A connection that cannot be opened because this process is out of file descriptors
@@ -20,14 +22,15 @@ relay.exchange for the three).
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httptools
 
-from shared.mesh.balancing import Backend
+from shared.mesh.balancing import Backend, Lease
 from shared.mesh.relay.exchange import Exchange
 from shared.mesh.relay.http1 import CHUNKED, LENGTH
 from shared.mesh.relay.pool import Pool
-from shared.mesh.relay.retry import (OUT_OF_DESCRIPTORS, RETRY, RETRY_FRESH, failure_answer, next_step,
+from shared.mesh.relay.retry import (ANSWER, OUT_OF_DESCRIPTORS, RETRY, RETRY_FRESH, failure_answer, next_step,
                                      stale_connection)
 from shared.mesh.relay.upstream import UpstreamSide
 
@@ -38,7 +41,10 @@ PENDING_LIMIT = 256 * 1024  # body bytes held while connecting before we stop re
 class Forwarding(Exchange):
     """The attempts to get a client's request to an instance (see the module's doc)."""
 
-    __slots__ = ()
+    # The number and start (perf_counter) of the attempt under way once a request was
+    # retried (`attempts` or `fresh_only` set): only then are they read, so a request
+    # answered at the first attempt never touches them (see _record_attempt).
+    __slots__ = ("attempt_number", "attempt_began")
 
     def _dispatch(self) -> None:
         route = self.route
@@ -159,6 +165,8 @@ class Forwarding(Exchange):
             self.close()
             return
         self.relay.metrics.upstream_error(self.route.name, "timeout")
+        if self.attempts or self.fresh_only:  # the last of a retried request's attempts
+            self._record_attempt("timeout", self.lease, True)
         if self.lease is not None:
             self.lease.failed()
             self.lease = None
@@ -174,6 +182,7 @@ class Forwarding(Exchange):
         lease = self.lease
         self.deadline = 0.0
         stale = stale_connection(kind, self.fresh_only)
+        retried = self.attempts > 0 or self.fresh_only  # before this failure
         if lease is not None:
             if stale or kind == "descriptors":  # not the instance's failure
                 lease.released()
@@ -188,6 +197,8 @@ class Forwarding(Exchange):
         step = next_step(stale=stale, any_method=any_method, retry_safe=self.retry_safe, sent_any=self.sent_any,
                          replay_kept=self.replay is not None, attempts=self.attempts, retries=route.retries,
                          untried=len(route.balancer.backends) - len(self.tried), local=kind == "descriptors")
+        if step != ANSWER or retried:
+            self._record_attempt(kind, lease, retried)
         if step == RETRY_FRESH:
             self.fresh_only = True
         elif step == RETRY:
@@ -198,6 +209,19 @@ class Forwarding(Exchange):
             return
         self.relay.metrics.retry(route.name)
         self._dispatch()
+
+    def _record_attempt(self, kind: str, lease: Lease | None, retried: bool) -> None:
+        """One access line for a failed attempt of a request that is retried, or was
+        (`retried`): `supervisor trace` shows every attempt. Never reached by a request
+        answered at its first attempt."""
+        now = time.perf_counter()
+        number, began = (self.attempt_number + 1, self.attempt_began) if retried else (1, self.started)
+        self.attempt_number, self.attempt_began = number, now
+        log = self.relay.access_log
+        if log is not None:
+            log.attempt(self.relay.settings.listener, self.method.decode("latin-1"), self.target.decode("latin-1"),
+                        int(kind[7:]) if kind.startswith("status_") else 0, now - began,
+                        lease.backend.address if lease is not None else "", self.request_id, number, kind)
 
     def can_retry_status(self) -> bool:
         route = self.route

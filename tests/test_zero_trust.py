@@ -191,4 +191,5 @@ def test_ca_rotation_under_load_loses_no_request(mesh, agent):
         worker.join()
     failed = [status for status in results if status != 200]
     print(f"{len(results)} requests through the gateway during the rotation, {len(failed)} failed")
-    assert len(results) > 100 and not failed, failed[:5]
+    # ~100/s for the 3+ s around the rotation, fewer on a loaded machine: enough to see a gap.
+    assert len(results) >= 50 and not failed, failed[:5]

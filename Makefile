@@ -7,7 +7,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.meshvisor-installed
 CONSUL  := .tools/consul/usr/bin/consul
 
-.PHONY: setup start test cluster-demo bench bench-relay bench-sidecar bench-gateway bench-hosts clean-state consul postgres prometheus wrk proxies
+.PHONY: setup start test cluster-demo bench bench-relay bench-sidecar bench-gateway bench-hosts bench-scale clean-state consul postgres prometheus wrk proxies
 
 setup: $(STAMP) consul postgres prometheus
 
@@ -48,6 +48,10 @@ bench-sidecar: setup wrk
 # A cross-host hop against a same-host hop: two hosts in network namespaces (root).
 bench-hosts: setup wrk
 	@$(VENV)/bin/python -m bench.hosts $(BENCH_ARGS)
+
+# Cost per instance and scale: 10, 50 and 100 instances under the supervisor (see bench/scale.py).
+bench-scale: setup
+	@$(VENV)/bin/python -m bench.scale $(BENCH_ARGS)
 
 proxies: wrk
 	@command -v nginx >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 || { echo "meshvisor: installing nginx and HAProxy with apt" >&2; \

@@ -179,17 +179,23 @@ async def restart(stack: Stack, target: str) -> list[str]:
             return [str(exc)]
 
 
+def _running_group(stack: Stack, name: str) -> tuple[ServiceGroup | None, list[str]]:
+    """Service `name`'s group, or None and why: the stack is not running, or has no such service."""
+    if problems := not_running(stack):
+        return None, problems
+    group = stack.groups.get(name)
+    return group, [] if group is not None else [f"no service named '{name}'"]
+
+
 async def stop_service(stack: Stack, name: str) -> list[str]:
     """Stops every instance of one service the way a scale-down does (the sidecar
     deregisters and drains, then the app stops) and marks it stopped, so that neither
     `supervisor start` of the stack nor a reload starts it again. Stopping a stopped
     service is not an error."""
     async with stack.gate.exclusive():
-        if problems := not_running(stack):
-            return problems
-        group = stack.groups.get(name)
+        group, problems = _running_group(stack, name)
         if group is None:
-            return [f"no service named '{name}'"]
+            return problems
         stack.stopped.mark(name)
         return await group.scale(0)
 
@@ -198,10 +204,8 @@ async def start_service(stack: Stack, name: str) -> list[str]:
     """Clears a service's stopped mark and runs it with its count (the one remembered by
     `supervisor scale`, else the file's); a running service is brought to that count."""
     async with stack.gate.exclusive():
-        if problems := not_running(stack):
-            return problems
-        group = stack.groups.get(name)
+        group, problems = _running_group(stack, name)
         if group is None:
-            return [f"no service named '{name}'"]
+            return problems
         stack.stopped.clear(name)
         return await scale_groups(stack.groups, {name: stack.scale_memory.count(name, group.service.instances)})

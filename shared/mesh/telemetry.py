@@ -108,7 +108,9 @@ class RelayMetrics:
         return text + generate_latest(extra) if extra is not None else text
 
 
-class AccessLine(msgspec.Struct):
+class _RequestLine(msgspec.Struct):
+    """What every access-log line of a request says (fields in this order on the wire)."""
+
     ts: float
     level: str
     msg: str
@@ -121,10 +123,13 @@ class AccessLine(msgspec.Struct):
     duration_ms: float
     upstream: str
     request_id: str
+
+
+class AccessLine(_RequestLine):
     retries: int
 
 
-class AttemptLine(msgspec.Struct):
+class AttemptLine(_RequestLine):
     """A failed attempt of a request that was retried (or answered after retries).
 
     `attempt` counts from 1; `error` is the kind of failure (connect_refused,
@@ -133,18 +138,6 @@ class AttemptLine(msgspec.Struct):
     `ts - duration_ms` to `ts`.
     """
 
-    ts: float
-    level: str
-    msg: str
-    service: str
-    instance: str
-    listener: str
-    method: str
-    path: str
-    status: int
-    duration_ms: float
-    upstream: str
-    request_id: str
     attempt: int
     error: str
 

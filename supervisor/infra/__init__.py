@@ -7,12 +7,27 @@ their own clean-shutdown signal, also when the supervisor dies.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from supervisor.config import RestartPolicy
 from supervisor.process import ProcessSpec
 
 # Restarts of a server: quick first, then patient; a broken server ends FATAL.
 RESTART_POLICY = RestartPolicy(backoff_initial=1.0, backoff_max=30.0, max_retries=8, stable_after=30.0)
+
+
+# The checkout this code runs from: `make setup` fetches Consul and Prometheus into its .tools/.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def fetched_binary(root: Path, tool: str) -> str | None:
+    """The `tool` binary `make setup` unpacked into .tools/<tool>/ of the project or of this
+    checkout, or None."""
+    for base in (root, _CHECKOUT):
+        local = base / ".tools" / tool / "usr" / "bin" / tool
+        if local.exists():
+            return str(local)
+    return None
 
 
 class InfraError(Exception):

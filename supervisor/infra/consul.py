@@ -24,12 +24,10 @@ import aiohttp
 
 from shared.mesh.naming import node_name
 from supervisor.config import Config
-from supervisor.infra import InfraError, server_spec
+from supervisor.infra import InfraError, fetched_binary, server_spec
 from supervisor.process import ProcessSpec
 
 
-# Where `make setup` puts the Consul it fetches: .tools/ of this checkout.
-_CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def find_binary(root: Path) -> str:
@@ -40,10 +38,9 @@ def find_binary(root: Path) -> str:
     found = shutil.which("consul")
     if found:
         return found
-    for base in (root, _CHECKOUT):
-        local = base / ".tools" / "consul" / "usr" / "bin" / "consul"
-        if local.exists():
-            return str(local)
+    fetched = fetched_binary(root, "consul")
+    if fetched:
+        return fetched
     raise InfraError("no consul binary: run `make setup` (fetches Consul into .tools/) or put consul on PATH")
 
 

@@ -48,7 +48,7 @@ import aiohttp
 from shared.mesh.naming import node_name
 from supervisor.config import Config
 from supervisor.config_prometheus import seconds
-from supervisor.infra import InfraError, server_spec
+from supervisor.infra import InfraError, fetched_binary, server_spec
 from supervisor.process import ProcessSpec
 
 _META = "__meta_consul_service_metadata_"
@@ -85,10 +85,6 @@ RULES = [
 ]
 
 
-# Where `make setup` puts the Prometheus it fetches: .tools/ of this checkout.
-_CHECKOUT = Path(__file__).resolve().parents[2]
-
-
 def find_binary(root: Path) -> str:
     """$MESHVISOR_PROMETHEUS, else the one `make setup` fetched (scripts/install-prometheus.sh).
 
@@ -97,10 +93,9 @@ def find_binary(root: Path) -> str:
     override = os.environ.get("MESHVISOR_PROMETHEUS")
     if override:
         return override
-    for base in (root, _CHECKOUT):
-        local = base / ".tools" / "prometheus" / "usr" / "bin" / "prometheus"
-        if local.exists():
-            return str(local)
+    fetched = fetched_binary(root, "prometheus")
+    if fetched:
+        return fetched
     raise InfraError('no prometheus binary: run `make setup` (fetches Debian\'s Prometheus into .tools/), '
                      'set MESHVISOR_PROMETHEUS to one with Consul discovery, or set [prometheus] mode = "off"')
 

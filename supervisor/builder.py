@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from shared.mesh.naming import node_name, service_id
 from supervisor.config import Config, Service
@@ -45,6 +46,8 @@ class InstanceBuilder:
         # Each service's own Consul token (ServiceIdentity), once ACLs are bootstrapped;
         # without them, every process that talks to Consul gets [consul] token.
         self.service_tokens: dict[str, str] = {}
+        # Set by the daemon when sidecars are forked (supervisor/forkserver.py).
+        self.fork_sidecar: Callable[[ProcessSpec], Awaitable[Any]] | None = None
 
     def make_process(self, spec: ProcessSpec) -> Process:
         """A process logging to its own file, its pid recorded for a successor that
@@ -136,8 +139,10 @@ class InstanceBuilder:
         sidecar_env = self.base_env()
         if token := self.consul_token(service):
             sidecar_env["CONSUL_HTTP_TOKEN"] = token
-        sidecar = self.make_process(sidecar_spec(service, index, ports, sid, sidecar_env, cwd,
-                                                 app_socket=app_socket, host=self.config.supervisor.advertise))
+        spec = sidecar_spec(service, index, ports, sid, sidecar_env, cwd,
+                            app_socket=app_socket, host=self.config.supervisor.advertise)
+        spec.fork = self.fork_sidecar
+        sidecar = self.make_process(spec)
         return Instance(service, index, ports, [app, sidecar], sid)
 
     def app_socket(self, service: Service, app_port: int) -> str:

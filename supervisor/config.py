@@ -75,6 +75,9 @@ class SupervisorSettings(_Strict):
     start_timeout: float = 30.0
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
+    # Sidecars are forked from one process that imported the sidecar once (a third of the
+    # memory each; supervisor/forkserver.py); false: each is exec'd as `python -m sidecar`.
+    fork_sidecars: bool = True
 
 
 class ConsulSettings(_Strict):

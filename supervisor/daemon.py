@@ -1,6 +1,6 @@
 """The running supervisor: brings the stack up in order, serves the control API, takes it down.
 
-Order up: Consul (until it has a leader, and with ACLs until the management token
+Order up: the sidecars' fork server (supervisor/forkserver.py) alongside Consul (until it has a leader, and with ACLs until the management token
 works), the mesh's tokens and intentions (supervisor/infra/connect.py), Prometheus (until
 it is ready; supervisor/infra/prometheus.py), PostgreSQL (until
 it accepts logins, then one database and role per service), then every instance of every
@@ -30,7 +30,8 @@ from supervisor.builder import InstanceBuilder
 from supervisor.config import Config, Service
 from supervisor.control import ControlServer
 from shared.mesh.consul import ConsulError, make_client
-from supervisor.infra import InfraError, acl
+from supervisor.forkserver import ForkServer, become_subreaper
+from supervisor.infra import RESTART_POLICY, InfraError, acl
 from supervisor.infra import connect as connect_infra
 from supervisor.infra import consul as consul_infra
 from supervisor.infra import postgres as postgres_infra
@@ -41,6 +42,8 @@ from supervisor.process import Process, ProcessSpec, State, raise_open_files_lim
 from supervisor.sampler import Sampler
 from supervisor.service import ServiceGroup
 from supervisor.watchdog import Watchdog
+
+FORK_SERVER_START_TIMEOUT = 15.0  # its imports take ~0.5 s on a quiet machine
 
 
 class Daemon:
@@ -65,6 +68,7 @@ class Daemon:
         self._reloads: set[asyncio.Task] = set()
         self.builder = InstanceBuilder(config, self.logs, state.PidRecord(self.state_dir), self.say)
         self.sampler = Sampler(config.consul, self.infra, self.groups)
+        self.fork_server = ForkServer() if sup.fork_sidecars else None
 
     def say(self, message: str) -> None:
         self._own_log.write(message.encode())
@@ -100,6 +104,9 @@ class Daemon:
                          f"connection may take an instance's port while it restarts; move the range below "
                          f"{ephemeral_range()[0]} or reserve it with net.ipv4.ip_local_reserved_ports")
             self._warn_about_readable_secrets()
+            if self.fork_server is not None and not become_subreaper():
+                self.say("warning: cannot become a child subreaper (prctl); sidecars are exec'd, not forked")
+                self.fork_server = None
             code = await self._serve()
         finally:
             await self._shutdown()
@@ -151,6 +158,8 @@ class Daemon:
 
     async def _bring_up(self) -> None:
         env = self.builder.base_env()
+        if any(service.sidecar for service in self.config.services.values()):
+            self._start_fork_server()  # it imports while Consul starts
         consul = self.config.consul
         if consul.mode == "embedded":
             if consul.acl and not consul.token:
@@ -169,6 +178,7 @@ class Daemon:
         if self.config.prometheus.mode == "embedded":
             await self._start_infra(await prometheus_infra.spec(self.config, env), self.config.prometheus.start_timeout)
         await self.provision_databases(self.config)
+        await self._fork_server_settled()
         for service in self.config.services.values():
             self.groups[service.name] = self.new_group(service)
         stopped = self.stopped.names()  # with `supervisor stop NAME`: left stopped
@@ -178,7 +188,30 @@ class Daemon:
         }
         self.startup_problems += await verbs.scale_groups(self.groups, counts)
 
+    def _start_fork_server(self) -> None:
+        """Once, when the first service with a sidecar is about to start (here or on a reload)."""
+        server = self.fork_server
+        if server is None or server.process is not None:
+            return
+        spec = ProcessSpec(name="forkserver", argv=server.argv(), env=self.builder.base_env(), cwd=str(self.config.root),
+                           restart=RESTART_POLICY, stop_timeout=5.0, ready_check=server.ready,
+                           tags={"role": "forkserver"})
+        server.process = self.builder.make_process(spec)
+        self.infra.append(server.process)
+        server.process.start()
+        self.builder.fork_sidecar = server.fork
+
+    async def _fork_server_settled(self) -> None:
+        """Sidecars are forked once it serves; if it does not, they are exec'd (slower, heavier)."""
+        if self.fork_server is None or self.fork_server.process is None:
+            return
+        if not await self.fork_server.process.wait_settled(FORK_SERVER_START_TIMEOUT):
+            self.say(f"warning: the sidecar fork server is not up (see {self.state_dir}/logs/forkserver.log); "
+                     "sidecars are exec'd until it is")
+
     def new_group(self, service: Service) -> ServiceGroup:
+        if service.sidecar:
+            self._start_fork_server()
         return ServiceGroup(service, self.builder.make_instance, self.builder.release)
 
     async def provision_databases(self, config: Config) -> None:

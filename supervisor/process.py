@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
@@ -55,6 +56,9 @@ class ProcessSpec:
     # Resolves once the process serves; None means "alive for a second".
     ready_check: Callable[[], Awaitable[bool]] | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # Asks another process for this one as a fork (sidecars: supervisor/forkserver.py);
+    # returns None (or raises OSError) when it cannot, and then the argv is exec'd.
+    fork: Callable[[ProcessSpec], Awaitable[Any]] | None = None
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -108,7 +112,7 @@ class Process:
         # Called with this process when it exits (not when we stop it): the instance
         # uses it to tell the sidecar that its app died.
         self.exit_listeners: list[Callable[[Process], None]] = []
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Any = None  # asyncio's subprocess.Process, or a ForkedChild (same four members)
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._wake = asyncio.Event()
@@ -204,7 +208,29 @@ class Process:
         spec = self.spec
         self._ready.clear()
         self.reason = ""
-        self._proc = await asyncio.create_subprocess_exec(
+        self._proc = None
+        if spec.fork is not None:
+            try:
+                self._proc = await spec.fork(spec)
+            except OSError as exc:
+                self.log.write(f"[meshvisor] not forked ({exc}): exec'ing {spec.argv[0]} instead".encode())
+        if self._proc is None:
+            self._proc = await self._exec(spec)
+        self.pid = self._proc.pid
+        self.started_at = time.time()
+        self.state = State.STARTING
+        try:
+            self._ps = psutil.Process(self.pid)
+            self._ps.cpu_percent(None)
+        except psutil.Error:
+            self._ps = None
+        self._children = {}
+        if self._on_spawn:
+            self._on_spawn(self)
+
+    @staticmethod
+    async def _exec(spec: ProcessSpec) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
             *spec.argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -218,17 +244,6 @@ class Process:
             preexec_fn=_child_setup(os.getpid(), spec.parent_death_signal),
             limit=1 << 20,
         )
-        self.pid = self._proc.pid
-        self.started_at = time.time()
-        self.state = State.STARTING
-        try:
-            self._ps = psutil.Process(self.pid)
-            self._ps.cpu_percent(None)
-        except psutil.Error:
-            self._ps = None
-        self._children = {}
-        if self._on_spawn:
-            self._on_spawn(self)
 
     async def _wait_exit(self) -> float:
         assert self._proc is not None
@@ -324,22 +339,30 @@ class Process:
 
     # -- observation ---------------------------------------------------------------
 
-    def sample(self) -> None:
-        """Refresh CPU % and memory of the process and its descendants (psutil)."""
+    def sample(self, children_of: dict[int, list[int]]) -> None:
+        """Refresh CPU % and memory of the process and its descendants (psutil).
+
+        `children_of` maps each pid on the machine to its children's, read once per
+        sampling pass for every process (ProcessTable): asking psutil for each
+        process's children instead reads every /proc entry per process, which made the
+        supervisor's sampling quadratic in the number of instances."""
         if self._ps is None or self.pid is None or self.state in (State.STOPPED, State.FATAL):
             self.cpu_percent, self.memory = 0.0, 0
             return
         members = [self._ps]
         seen = {}
-        for child in self._tree():
-            known = self._children.get(child.pid)
+        pending = list(children_of.get(self.pid, ()))
+        while pending:
+            pid = pending.pop()
+            pending += children_of.get(pid, ())
+            known = self._children.get(pid)
             if known is None:
-                known = child
                 try:
+                    known = psutil.Process(pid)
                     known.cpu_percent(None)
                 except psutil.Error:
                     continue
-            seen[child.pid] = known
+            seen[pid] = known
             members.append(known)
         self._children = seen
         cpu, memory = 0.0, 0
@@ -366,6 +389,27 @@ class Process:
             "role": self.spec.tags.get("role", ""),
             "reason": self.reason,
         }
+
+
+@dataclass
+class ProcessTable:
+    """Every process's children, and which of the supervisor's own children are zombies,
+    from one pass over /proc (for Process.sample and the orphan reaper)."""
+
+    children_of: dict[int, list[int]]
+    zombie_children: set[int]
+
+    @classmethod
+    def read(cls) -> ProcessTable:
+        children: dict[int, list[int]] = {}
+        zombies: set[int] = set()
+        me = os.getpid()
+        for proc in psutil.process_iter(["ppid", "status"]):
+            ppid = proc.info["ppid"]
+            children.setdefault(ppid, []).append(proc.pid)
+            if ppid == me and proc.info["status"] == psutil.STATUS_ZOMBIE:
+                zombies.add(proc.pid)
+        return cls(children, zombies)
 
 
 async def _safe(check: Callable[[], Awaitable[bool]]) -> bool:

@@ -16,7 +16,8 @@ import aiohttp
 from supervisor.config import ConsulSettings
 from supervisor.infra import consul as consul_infra
 from supervisor.instance import Instance
-from supervisor.process import Process
+from supervisor.forkserver import OrphanReaper
+from supervisor.process import Process, ProcessTable
 from supervisor.service import ServiceGroup
 
 STATS_INTERVAL = 2.0
@@ -27,11 +28,15 @@ class Sampler:
         self.consul = consul
         self.infra = infra
         self.groups = groups
+        self.orphans = OrphanReaper()  # the supervisor is a child subreaper (supervisor/forkserver.py)
 
     async def sample_forever(self) -> None:
         while True:
-            for proc in self.all_processes():
-                proc.sample()
+            table = ProcessTable.read()
+            processes = self.all_processes()
+            for proc in processes:
+                proc.sample(table.children_of)
+            self.orphans.reap(table.zombie_children, {p.pid for p in processes if p.pid})
             await self.refresh_consul_health()
             await asyncio.sleep(STATS_INTERVAL)
 

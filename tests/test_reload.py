@@ -288,6 +288,9 @@ def test_reload_adds_and_removes_services_in_consul_with_their_tokens_and_databa
     try:
         with p.config_path.open("a") as config:
             config.write(f'\n[postgres]\nmode = "external"\ndsn = "{postgres_server.admin_dsn}"\n')
+        # Exec'd sidecars: the token is read below from /proc/PID/environ, which a forked
+        # sidecar does not have (it holds the fork server's; its own is only in its memory).
+        edit(p.config_path, "[supervisor]\n", "[supervisor]\nfork_sidecars = false\n")
         p.start()
         assert len(agent.passing("api")) == 1
         web = {r["process"]: r["pid"] for r in p.rows("web")}

@@ -145,13 +145,15 @@ def test_upstream_balances_and_survives_sigkill_mid_burst(make_mesh, agent):
     print(f"900 requests, backend.2 app killed with SIGKILL after 300: {len(failed)} failed")
     assert not failed, failed[:5]
     assert not alive([victim])
-    metrics = asyncio.run(_get_text(f"http://127.0.0.1:{_admin_port(p, 'client.1')}/metrics"))
+    metrics = asyncio.run(_get_text(f"http://127.0.0.1:{_admin_port(p, agent, 'client.1')}/metrics"))
     assert "sidecar_retries_total" in metrics
 
 
-def _admin_port(p: Project, instance: str) -> int:
-    pid = rows_by_process(p)[f"{instance}.sidecar"]["pid"]
-    return int(environ(pid)["SIDECAR_ADMIN_PORT"])
+def _admin_port(p: Project, agent, instance: str) -> int:
+    """From its registration (its metrics are served there): a forked sidecar's
+    /proc/PID/environ is the fork server's, not the environment it was given."""
+    service_id = rows_by_process(p)[f"{instance}.sidecar"]["service_id"]
+    return int(agent.get(f"/v1/agent/service/{service_id}", token=agent.token)["Meta"]["metrics_port"])
 
 
 async def _get_text(url: str) -> str:

@@ -1,0 +1,170 @@
+"""Starting sidecars by fork from one process that imported the sidecar once (sidecar/forkserver.py).
+
+The supervisor runs the fork server like any infrastructure process and, for a sidecar,
+asks it for a fork instead of exec'ing `python -m sidecar`: the same environment, working
+directory, own session and parent-death signal, its output through a pipe to the
+supervisor, but the interpreter and the imports shared with every other sidecar of the
+host. The forked sidecar is the supervisor's own child (the supervisor is a child
+subreaper: the fork server forks twice and the middle child exits), so it is waited for,
+signalled and restarted exactly like an exec'd one; ForkedChild gives Process the same
+four things asyncio's subprocess does (pid, stdout, wait(), returncode).
+
+When the fork server is not running (starting, restarting, or refused), a sidecar is
+exec'd as before: forking saves memory and start-up time, it is never what a start waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import secrets
+import socket
+import struct
+import sys
+from collections.abc import Callable
+
+from supervisor.process import Process, ProcessSpec, State
+
+_PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def become_subreaper() -> bool:
+    """Orphans of our descendants (the fork server's sidecars) become our children."""
+    return _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def socket_name() -> str:
+    # Abstract: no file, no length limit of a path under a deep state folder; who may use
+    # it is checked on both ends by peer credentials (see sidecar/forkserver.py).
+    return f"meshvisor/forkserver/{os.getpid()}/{secrets.token_hex(8)}"
+
+
+class ForkedChild:
+    """An asyncio.subprocess.Process look-alike for a child we did not spawn ourselves."""
+
+    def __init__(self, pid: int, stdout: asyncio.StreamReader) -> None:
+        self.pid = pid
+        self.stdout = stdout
+        self.returncode: int | None = None
+        loop = asyncio.get_running_loop()
+        self._exited = loop.create_future()
+        # A pidfd is readable once the process has exited; until we reap it, the pid
+        # cannot be reused, so opening it by number is safe for our own child.
+        self._pidfd = os.pidfd_open(pid)
+        loop.add_reader(self._pidfd, self._reap)
+
+    def _reap(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: its status is lost
+            pid, status = self.pid, -1
+        if pid == 0:
+            return
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.returncode = os.waitstatus_to_exitcode(status) if status != -1 else 255
+        if not self._exited.done():
+            self._exited.set_result(self.returncode)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+
+class ForkServer:
+    """The supervisor's end: the fork server's process, and a fork per sidecar asked of it."""
+
+    def __init__(self) -> None:
+        self.name = socket_name()
+        self.process: Process | None = None  # set by whoever starts spec()
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "sidecar.forkserver", self.name]
+
+    async def ready(self) -> bool:
+        """Answers an empty request (the ping) from its socket."""
+        if self.process is None or self.process.pid is None:
+            return False
+        reply = await asyncio.to_thread(self._ask, b"", None, self.process.pid)
+        return reply.get("ok") is True
+
+    async def fork(self, spec: ProcessSpec) -> ForkedChild | None:
+        """ProcessSpec.fork for a sidecar: None while the fork server is not running."""
+        process = self.process
+        if process is None or process.state != State.RUNNING or process.pid is None or not spec_is_forkable(spec):
+            return None
+        return await self._spawn(spec, process.pid)
+
+    async def _spawn(self, spec: ProcessSpec, server_pid: int) -> ForkedChild:
+        """Fork a sidecar with the spec's environment and working directory; OSError if
+        the fork server cannot (the caller then exec's it)."""
+        read_end, write_end = os.pipe()
+        try:
+            request = json.dumps({"env": spec.env, "cwd": spec.cwd, "supervisor": os.getpid(),
+                                  "death_signal": int(spec.parent_death_signal)}).encode()
+            reply = await asyncio.to_thread(self._ask, request, write_end, server_pid)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        if "pid" not in reply:
+            os.close(read_end)
+            raise OSError(f"the sidecar fork server refused: {reply.get('error', 'no reason')}")
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
+                                     os.fdopen(read_end, "rb", 0))
+        return ForkedChild(int(reply["pid"]), reader)
+
+    def _ask(self, request: bytes, output: int | None, server_pid: int) -> dict:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(10)
+            conn.connect("\0" + self.name)
+            pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if pid != server_pid:  # someone else holds the name: it gets no environment of ours
+                raise OSError(f"the fork server's socket is held by pid {pid}, not {server_pid}")
+            if output is not None:
+                sent = socket.send_fds(conn, [request], [output])
+                conn.sendall(request[sent:])
+            conn.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise OSError("the fork server closed the connection without an answer") from None
+
+
+class OrphanReaper:
+    """Reaps what comes to us as a child subreaper and nobody waits for.
+
+    Besides the forked sidecars, any orphaned descendant of a supervised process (say a
+    worker whose app was SIGKILLed) now becomes the supervisor's child instead of init's;
+    left alone it would stay a zombie. A zombie child that is not a supervised process
+    and was already one at the previous look (so a sidecar whose fork is being announced
+    is not taken) is reaped here."""
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+
+    def reap(self, zombies: set[int], supervised: set[int]) -> int:
+        suspects = zombies - supervised
+        reaped = 0
+        for pid in suspects & self._seen:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped += 1
+            except ChildProcessError:
+                pass
+        self._seen = suspects
+        return reaped
+
+
+def spec_is_forkable(spec: ProcessSpec) -> bool:
+    """A sidecar that runs as the supervisor's user, as `python -m sidecar`."""
+    return spec.argv == [sys.executable, "-m", "sidecar"] and spec.user is None and spec.group is None
+

@@ -44,6 +44,9 @@ def find_binary(root: Path) -> str:
     raise InfraError("no consul binary: run `make setup` (fetches Consul into .tools/) or put consul on PATH")
 
 
+HTTP_MAX_CONNS_PER_CLIENT = 4096
+
+
 def agent_settings(config: Config, management_token: str) -> dict:
     """The agent's whole config file: its role in the cluster, addresses and ports,
     Connect always (the mesh's CA), ACLs when configured, the gossip key if given."""
@@ -66,6 +69,11 @@ def agent_settings(config: Config, management_token: str) -> dict:
         # A client leaves the cluster when stopped (its services go at once); a server
         # stays a Raft peer through a restart, as Consul advises.
         "leave_on_terminate": c.role == "client",
+        # The agent counts connections per client IP, and every process of this host comes
+        # from 127.0.0.1: each sidecar holds 4 blocking queries (its registration, leaf
+        # certificate, CA roots, intentions). At the default, 200, the ~48th instance's
+        # sidecar was refused and restarted in a loop (bench/scale.py).
+        "limits": {"http_max_conns_per_client": HTTP_MAX_CONNS_PER_CLIENT},
     }
     if c.advertise:
         settings["advertise_addr"] = c.advertise

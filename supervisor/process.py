@@ -119,7 +119,8 @@ class Process:
         self._ready = asyncio.Event()
         self._settled = asyncio.Event()  # set on RUNNING or FATAL: "start is decided"
         self._ps: psutil.Process | None = None
-        self._children: dict[int, psutil.Process] = {}
+        self._cpu_ticks: dict[int, int] = {}  # pid -> CPU time at the last sample (its tree)
+        self._sampled_at = 0.0
         self.cpu_percent = 0.0
         self.memory = 0
 
@@ -221,10 +222,9 @@ class Process:
         self.state = State.STARTING
         try:
             self._ps = psutil.Process(self.pid)
-            self._ps.cpu_percent(None)
         except psutil.Error:
             self._ps = None
-        self._children = {}
+        self._cpu_ticks = {}
         if self._on_spawn:
             self._on_spawn(self)
 
@@ -339,41 +339,27 @@ class Process:
 
     # -- observation ---------------------------------------------------------------
 
-    def sample(self, children_of: dict[int, list[int]]) -> None:
-        """Refresh CPU % and memory of the process and its descendants (psutil).
-
-        `children_of` maps each pid on the machine to its children's, read once per
-        sampling pass for every process (ProcessTable): asking psutil for each
-        process's children instead reads every /proc entry per process, which made the
-        supervisor's sampling quadratic in the number of instances."""
-        if self._ps is None or self.pid is None or self.state in (State.STOPPED, State.FATAL):
-            self.cpu_percent, self.memory = 0.0, 0
+    def sample(self, table: ProcessTable) -> None:
+        """Refresh CPU % (since the last sample) and memory (RSS) of the process and its
+        descendants, from a ProcessTable read once per pass for every process: asking
+        psutil for each process's children and figures read every /proc entry per
+        process, which made the supervisor's sampling quadratic in the instances."""
+        if self.pid is None or self.state in (State.STOPPED, State.FATAL):
+            self.cpu_percent, self.memory, self._cpu_ticks = 0.0, 0, {}
             return
-        members = [self._ps]
-        seen = {}
-        pending = list(children_of.get(self.pid, ()))
+        ticks, memory, pending = {}, 0, [self.pid]
         while pending:
             pid = pending.pop()
-            pending += children_of.get(pid, ())
-            known = self._children.get(pid)
-            if known is None:
-                try:
-                    known = psutil.Process(pid)
-                    known.cpu_percent(None)
-                except psutil.Error:
-                    continue
-            seen[pid] = known
-            members.append(known)
-        self._children = seen
-        cpu, memory = 0.0, 0
-        for member in members:
-            try:
-                with member.oneshot():
-                    cpu += member.cpu_percent(None)
-                    memory += member.memory_info().rss
-            except psutil.Error:
+            stat = table.stats.get(pid)
+            if stat is None:
                 continue
-        self.cpu_percent, self.memory = cpu, memory
+            pending += table.children_of.get(pid, ())
+            ticks[pid] = stat.cpu_ticks
+            memory += stat.rss
+        spent = sum(ticks[pid] - self._cpu_ticks[pid] for pid in ticks if pid in self._cpu_ticks)
+        elapsed = table.read_at - self._sampled_at
+        self.cpu_percent = 100.0 * spent / _CLOCK_TICKS / elapsed if self._cpu_ticks and elapsed > 0 else 0.0
+        self.memory, self._cpu_ticks, self._sampled_at = memory, ticks, table.read_at
 
     def status(self) -> dict:
         alive = self.state not in (State.STOPPED, State.FATAL, State.BACKOFF)
@@ -391,25 +377,53 @@ class Process:
         }
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class ProcStat:
+    ppid: int
+    zombie: bool
+    cpu_ticks: int  # user + system
+    rss: int  # bytes
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """/proc/PID/stat, the one file with all we sample (psutil reads it and more, per call)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            data = file.read()
+    except OSError:
+        return None
+    # After "pid (comm) " -- comm may hold spaces and parentheses, so split after the last ")".
+    fields = data[data.rindex(b")") + 2:].split()
+    return ProcStat(ppid=int(fields[1]), zombie=fields[0] == b"Z", cpu_ticks=int(fields[11]) + int(fields[12]),
+                    rss=int(fields[21]) * _PAGE)
+
+
 @dataclass
 class ProcessTable:
-    """Every process's children, and which of the supervisor's own children are zombies,
-    from one pass over /proc (for Process.sample and the orphan reaper)."""
+    """Every process on the machine (its parent, state, CPU time, RSS) from one pass over
+    /proc, for Process.sample and the orphan reaper."""
 
+    stats: dict[int, ProcStat]
     children_of: dict[int, list[int]]
-    zombie_children: set[int]
+    read_at: float
 
     @classmethod
     def read(cls) -> ProcessTable:
+        stats: dict[int, ProcStat] = {}
         children: dict[int, list[int]] = {}
-        zombies: set[int] = set()
-        me = os.getpid()
-        for proc in psutil.process_iter(["ppid", "status"]):
-            ppid = proc.info["ppid"]
-            children.setdefault(ppid, []).append(proc.pid)
-            if ppid == me and proc.info["status"] == psutil.STATUS_ZOMBIE:
-                zombies.add(proc.pid)
-        return cls(children, zombies)
+        for name in os.listdir("/proc"):
+            if name.isdigit() and (stat := read_stat(int(name))) is not None:
+                stats[int(name)] = stat
+                children.setdefault(stat.ppid, []).append(int(name))
+        return cls(stats, children, time.monotonic())
+
+    def zombie_children(self) -> set[int]:
+        """The supervisor's own children that have exited and not been waited for."""
+        return {pid for pid in self.children_of.get(os.getpid(), ()) if self.stats[pid].zombie}
 
 
 async def _safe(check: Callable[[], Awaitable[bool]]) -> bool:

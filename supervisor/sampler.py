@@ -35,8 +35,8 @@ class Sampler:
             table = ProcessTable.read()
             processes = self.all_processes()
             for proc in processes:
-                proc.sample(table.children_of)
-            self.orphans.reap(table.zombie_children, {p.pid for p in processes if p.pid})
+                proc.sample(table)
+            self.orphans.reap(table.zombie_children(), {p.pid for p in processes if p.pid})
             await self.refresh_consul_health()
             await asyncio.sleep(STATS_INTERVAL)
 

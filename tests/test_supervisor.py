@@ -74,6 +74,11 @@ def test_start_detach_status_and_stop_leave_nothing(make_project):
     table = p.cli("status", check=True).stdout
     for column in ("SERVICE", "INSTANCE", "PID", "STATE", "UPTIME", "RESTARTS", "CPU%", "MEM", "PORT"):
         assert column in table
+    # The sampler's figures (every 2 s): memory is the whole tree's, so web's includes the
+    # child its app spawned.
+    wait_for(lambda: all(r["memory"] > 0 for r in p.rows()), 10, what="a sample of every process")
+    web1 = next(r for r in p.rows() if r["process"] == "web.1")
+    assert web1["memory"] > psutil.Process(web1["pid"]).memory_info().rss
     # Each instance runs in its own process group; the grandchild came along.
     for r in rows:
         assert os.getpgid(r["pid"]) == r["pid"]

@@ -9,9 +9,11 @@ divided by the requests wrk counted.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -51,6 +53,34 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not answer 200 within {timeout}s")
 
 
+class ForkedSidecar:
+    """The few Popen members Processes uses, for a forked child of this process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and os.waitpid(self.pid, os.WNOHANG)[0] == self.pid:
+            self.returncode = 0
+        return self.returncode
+
+    def terminate(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.05)
+
+
 class Processes:
     """Starts processes and makes sure every one is gone at the end."""
 
@@ -62,6 +92,34 @@ class Processes:
         log = open(Path(self.tmp) / f"{name or Path(argv[0]).name}-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
                                 cwd=ROOT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def fork_sidecar(self, env: dict[str, str], name: str) -> ForkedSidecar:
+        """A sidecar forked by a fork server of this benchmark, as the supervisor forks them
+        ([supervisor] fork_sidecars): this process becomes a child subreaper and gets it."""
+        sys.path.insert(0, str(ROOT))
+        from supervisor.forkserver import ForkServer, become_subreaper
+
+        if not hasattr(self, "_fork_server"):
+            assert become_subreaper()
+            self._fork_server = ForkServer()
+            server = self.start(self._fork_server.argv(), name="forkserver")
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if self._fork_server._ask(b"", None, server.pid).get("ok"):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                time.sleep(0.1)
+            self._fork_server_pid = server.pid
+        with open(Path(self.tmp) / f"{name}-{len(self.procs)}.log", "wb") as log:
+            request = json.dumps({"env": {**os.environ, **env}, "cwd": str(ROOT), "supervisor": os.getpid(),
+                                  "death_signal": int(signal.SIGTERM)}).encode()
+            reply = self._fork_server._ask(request, log.fileno(), self._fork_server_pid)
+        proc = ForkedSidecar(int(reply["pid"]))
         self.procs.append(proc)
         return proc
 

@@ -11,9 +11,9 @@ blocking queries ending within --monitor s, by sender (the agent's debug log); t
 and SIGKILL of one app (-> critical -> not routed -> routed again), Consul and the
 gateway's /health polled every 20 ms. Prints a table (a column per size, then largest /
 smallest), the issue's targets, and the PSS of a fresh Python as a sidecar's imports are added.
-The agent's http_max_conns_per_client is raised (--consul-conns): at its default, 200, the
-agent refuses the connections of the ~48th instance on (every sidecar holds 4, all from
-127.0.0.1, which Consul counts as one client).
+--sidecars fork,exec runs every size twice, forked sidecars (the default) then exec'd ones
+([supervisor] fork_sidecars = false), for the A/B in one run; the per-sidecar PSS "with the
+fork server's share" spreads the fork server's own PSS over the sidecars.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 
 from bench.harness import ROOT, cpu_seconds, machine, render
-from supervisor.infra.consul import find_binary
 from tests.helpers import PROGRAMS, PY, Project, free_ports, free_range
 
 SHAPES = {10: (2, 5), 50: (5, 10), 100: (10, 10)}  # instances -> (services, instances of each)
 POLL = 0.02
-CONFIG = """[supervisor]\nport_range = [{low}, {high}]\nstart_timeout = 240.0\n
+SHARED_PSS = "PSS per sidecar, with the fork server's share MB"
+CONFIG = """[supervisor]\nport_range = [{low}, {high}]\nstart_timeout = 240.0\nfork_sidecars = {fork}\n
 [consul]\naddress = "{consul}"\nserver_port = {server}\nserf_lan_port = {serf}\nserf_wan_port = -1\n
 [prometheus]\nmode = "off"\n
 [services.gateway]\nport = {gateway}\nsidecar = false\nenv = {{ GATEWAY_DRAIN_SECONDS = "0.5" }}\n"""
@@ -76,7 +76,7 @@ def cpu(pids: list[int]) -> dict[int, float]:
 
 
 class Stack:
-    def __init__(self, services: int, instances: int, conns: int) -> None:
+    def __init__(self, services: int, instances: int, fork: bool) -> None:
         self.s, self.m, self.n = services, instances, services * instances
         self.names = [f"svc{i}" for i in range(1, services + 1)]
         http_port, server, serf, gateway = free_ports(4)
@@ -84,14 +84,9 @@ class Stack:
         self.consul, self.consul_port, self.gateway = f"127.0.0.1:{http_port}", http_port, f"127.0.0.1:{gateway}"
         procfile = "".join(f"{n}: {PY} {PROGRAMS}/web.py\n" for n in self.names)
         procfile += f"gateway: {PY} -m services.gateway\n"
-        config = CONFIG.format(low=low, high=high, consul=self.consul, server=server, serf=serf, gateway=gateway)
+        config = CONFIG.format(low=low, high=high, consul=self.consul, server=server, serf=serf, gateway=gateway,
+                               fork=str(fork).lower())
         self.p = Project(procfile, config + "".join(SERVICE.format(i=i, m=instances) for i in range(1, services + 1)))
-        # Consul's http_max_conns_per_client (200) counts every process on 127.0.0.1 as one client: the
-        # embedded agent runs through a wrapper that raises it (--consul-conns 0: the agent as shipped).
-        (wrapper := self.p.root / "consul").write_text(
-            f'#!/bin/sh\n[ "$1" = agent ] && [ {conns} -gt 0 ] && exec {find_binary(ROOT)} "$@" -hcl '
-            f'"limits {{ http_max_conns_per_client = {conns} }}"\nexec {find_binary(ROOT)} "$@"\n')
-        wrapper.chmod(0o755)
 
     def settled(self, routed: bool = True) -> bool:
         """Every instance passing in Consul (all its checks) and, with `routed`, routed by the gateway."""
@@ -109,6 +104,7 @@ class Stack:
         rows = [r for r in status["processes"] if r["pid"] and r["state"] == "RUNNING"]
         kinds = {"supervisor": [sup], "consul": [r["pid"] for r in rows if r["service"] == "consul"],
                  "gateway": [r["pid"] for r in rows if r["service"] == "gateway"],
+                 "forkserver": [r["pid"] for r in rows if r["service"] == "forkserver"],
                  "watchdog": [c.pid for c in psutil.Process(sup).children() if "supervisor.watchdog" in c.cmdline()]}
         return kinds | {role: [r["pid"] for r in rows if r["service"] in self.names and r["role"] == role]
                         for role in ("app", "sidecar")}
@@ -150,7 +146,7 @@ def start(stack: Stack, timeout: float) -> dict:
     cli = subprocess.Popen([PY, "-m", "supervisor", "--config", str(stack.p.config_path), "start", "--detach",
                             "--wait", str(timeout)], cwd=stack.p.root, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True,
-                           env={**os.environ, "NO_COLOR": "1", "MESHVISOR_CONSUL": str(stack.p.root / "consul")})
+                           env={**os.environ, "NO_COLOR": "1"})
 
     def up() -> bool:
         if cli.poll() not in (None, 0):
@@ -255,10 +251,11 @@ def propagation(stack: Stack, changes: int, timeout: float) -> dict[str, list]:
     return got
 
 
-def measure(services: int, instances: int, args) -> dict:
-    stack = Stack(services, instances, args.consul_conns)
+def measure(services: int, instances: int, fork: bool, args) -> dict:
+    stack = Stack(services, instances, fork)
     try:
-        say(f"{stack.n} instances ({services} services x {instances}): starting")
+        kind = "forked" if fork else "exec'd"
+        say(f"{stack.n} instances ({services} services x {instances}), {kind} sidecars: starting")
         fig = start(stack, args.timeout)
         say("up: " + ", ".join(f"{k} {v:.1f}" for k, v in fig.items()))
         time.sleep(5)  # the last starts' work done
@@ -266,6 +263,9 @@ def measure(services: int, instances: int, args) -> dict:
         mem = {k: [memory(p) for p in v] for k, v in pids.items()}
         mean = lambda k, i=0: statistics.mean(x[i] for x in mem[k]) if mem[k] else math.nan  # noqa: E731
         fig.update({"PSS per sidecar MB": mean("sidecar"), "USS per sidecar MB": mean("sidecar", 1),
+                    SHARED_PSS:
+                        mean("sidecar") + sum(x[0] for x in mem["forkserver"]) / len(mem["sidecar"]),
+                    "PSS fork server MB": sum(x[0] for x in mem["forkserver"]),
                     "PSS per app MB": mean("app"), "PSS per instance (app + sidecar) MB": mean("sidecar") + mean("app"),
                     "PSS gateway MB": mean("gateway"), "PSS supervisor MB": mean("supervisor"),
                     "PSS watchdog MB": mean("watchdog"), "PSS Consul agent MB": mean("consul"),
@@ -313,17 +313,27 @@ def cells(values) -> list[tuple[str, str]]:
     return out + [(" timeouts", str(values.count(None)))] * (None in values)
 
 
-def table(results: dict[int, dict], markdown: bool) -> str:
-    sizes, rows = list(results), {}
-    for i, size in enumerate(sizes):
-        for key, values in ((k, v) for k, v in results[size].items() if k != "paths"):
-            name, unit = key.rsplit(" ", 1)
+def table(results: dict[tuple[int, str], dict], markdown: bool) -> str:
+    """A column per (size, sidecars); then the largest size against the smallest (one kind of
+    sidecar), or forked against exec'd sidecars at the largest size (both)."""
+    keys, rows = list(results), {}
+    for i, key in enumerate(keys):
+        for figure, values in ((k, v) for k, v in results[key].items() if k != "paths"):
+            name, unit = figure.rsplit(" ", 1)
             for suffix, text in cells(values):
-                rows.setdefault(f"{name}{suffix} ({unit})", ["-"] * len(sizes))[i] = text
-    out = [("figure", *(f"{n} ({'x'.join(map(str, shape(n)))})" for n in sizes), f"{sizes[-1]} / {sizes[0]}")]
+                rows.setdefault(f"{name}{suffix} ({unit})", ["-"] * len(keys))[i] = text
+    modes = list(dict.fromkeys(mode for _, mode in keys))
+    largest = max(size for size, _ in keys)
+    if len(modes) > 1:
+        a, b = keys.index((largest, modes[0])), keys.index((largest, modes[1]))
+        last = f"{modes[0]} / {modes[1]} at {largest}"
+    else:
+        a, b = len(keys) - 1, 0
+        last = f"{keys[-1][0]} / {keys[0][0]}"
+    out = [("figure", *(f"{n} ({'x'.join(map(str, shape(n)))}) {mode}" for n, mode in keys), last)]
     for name, values in rows.items():
         try:
-            out.append((name, *values, f"{float(values[-1]) / float(values[0]):.2f}x" if len(sizes) > 1 else "-"))
+            out.append((name, *values, f"{float(values[a]) / float(values[b]):.2f}x" if len(keys) > 1 else "-"))
         except (ValueError, ZeroDivisionError):
             out.append((name, *values, "-"))
     return render(out, markdown)
@@ -355,11 +365,11 @@ def shape(n: int) -> tuple[int, int]:
     return SHAPES.get(n) or (max(1, round(n / 10)), min(n, 10))
 
 
-def notes(results: dict[int, dict]) -> str:
+def notes(results: dict[tuple[int, str], dict]) -> str:
     size = max(results)
     r, p99 = results[size], lambda key: pct(results[size][key], 99)
     return "\n".join([
-        f"targets at {size} instances (the issue's; measured, not worked on):",
+        f"targets at {size[0]} instances, {size[1]}ed sidecars (the issue's):",
         f"  all passing within 60 s of `supervisor start`: {r['start: all passing in Consul s']:.1f} s "
         f"(routed by the gateway: {r['start: gateway routes all s']:.1f} s)",
         "  route propagation p99 <= 1 s: scale up, passing -> routed "
@@ -369,7 +379,8 @@ def notes(results: dict[int, dict]) -> str:
         f"{p99('scale down: gone from Consul -> not routed ms'):.2f} s (from the command "
         f"{p99('scale down: command -> not routed ms'):.2f} s)",
         f"  the supervisor's CPU at rest <= 2% of a core: {r['CPU at rest: supervisor %']:.2f}%",
-        f"  a sidecar <= 15 MB PSS: {r['PSS per sidecar MB']:.1f} MB",
+        f"  a sidecar <= 15 MB PSS: {r['PSS per sidecar MB']:.1f} MB "
+        f"({r[SHARED_PSS]:.1f} MB with the fork server's share)",
         *(f"blocking queries ended in the window, one {kind}: {paths}" for kind, paths in r["paths"].items())])
 
 
@@ -381,8 +392,8 @@ def main() -> None:
     parser.add_argument("--monitor", type=float, default=33.0,
                         help="seconds of Consul's debug log read (its 30 s waits get up to 1/16 of jitter)")
     parser.add_argument("--timeout", type=float, default=300.0, help="bound of every wait (seconds)")
-    parser.add_argument("--consul-conns", type=int, default=4096,
-                        help="the agent's http_max_conns_per_client (0: Consul's default, 200)")
+    parser.add_argument("--sidecars", default="fork",
+                        help="fork, exec, or both (fork,exec): how the supervisor starts sidecars")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind like Ctrl-C: the stack is stopped
@@ -390,7 +401,8 @@ def main() -> None:
     results, began = {}, time.monotonic()
     try:
         for size in map(int, args.sizes.split(",")):
-            results[size] = measure(*shape(size), args)
+            for mode in args.sidecars.split(","):
+                results[size, mode] = measure(*shape(size), mode == "fork", args)
     except Exception as exc:
         if not results:
             raise

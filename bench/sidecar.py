@@ -4,6 +4,8 @@
   inbound   client -> sidecar (public listener) -> app
   upstream  client -> sidecar B (upstream listener, Consul-resolved) -> sidecar A -> app
   upstream, mTLS   the same, mTLS with Connect leaves between the sidecars (the default)
+  ... forked        the inbound and mTLS paths again through sidecars forked by a fork server
+                   (as the supervisor starts them; [supervisor] fork_sidecars), A/B in one run
   Consul Connect   client -> `consul connect proxy -upstream` -> `-sidecar-for` -> app
                    (Consul's own built-in proxy pair, also mTLS, from the same binary)
 
@@ -56,10 +58,26 @@ def main() -> None:
             **common, "MESH_MTLS": "1", "SERVICE_NAME": "callertls", "INSTANCE_INDEX": "1",
             "SIDECAR_PORT": str(tls_client), "APP_PORT": str(app_port), "SIDECAR_ADMIN_PORT": str(tls_admin_b),
             "SIDECAR_UPSTREAMS": f"benchtls={tls_upstream}"}, name="sidecar-tls-b")
+        # The same inbound sidecar and mTLS pair, forked as the supervisor forks them.
+        fork_public, fork_admin, ftls_public, ftls_admin_a, ftls_client, ftls_admin_b, ftls_upstream = (
+            free_port() for _ in range(7))
+        fork_a = procs.fork_sidecar({
+            **common, "SERVICE_NAME": "benchfork", "INSTANCE_INDEX": "1", "SIDECAR_PORT": str(fork_public),
+            "APP_PORT": str(app_port), "SIDECAR_ADMIN_PORT": str(fork_admin)}, name="sidecar-fork-a")
+        ftls_a = procs.fork_sidecar({
+            **common, "MESH_MTLS": "1", "SERVICE_NAME": "benchforktls", "INSTANCE_INDEX": "1",
+            "SIDECAR_PORT": str(ftls_public), "APP_PORT": str(app_port), "SIDECAR_ADMIN_PORT": str(ftls_admin_a)},
+            name="sidecar-fork-tls-a")
+        ftls_b = procs.fork_sidecar({
+            **common, "MESH_MTLS": "1", "SERVICE_NAME": "callerforktls", "INSTANCE_INDEX": "1",
+            "SIDECAR_PORT": str(ftls_client), "APP_PORT": str(app_port), "SIDECAR_ADMIN_PORT": str(ftls_admin_b),
+            "SIDECAR_UPSTREAMS": f"benchforktls={ftls_upstream}"}, name="sidecar-fork-tls-b")
         connect_upstream, connect_pids = connect_proxy_pair(procs, consul, app_port)
         wait_http(f"http://127.0.0.1:{public}/")
         wait_http(f"http://127.0.0.1:{upstream}/")
         wait_http(f"http://127.0.0.1:{tls_upstream}/")
+        wait_http(f"http://127.0.0.1:{fork_public}/")
+        wait_http(f"http://127.0.0.1:{ftls_upstream}/")
 
         direct = Path_("direct (app)", f"http://127.0.0.1:{app_port}/")
         paths = [
@@ -69,6 +87,9 @@ def main() -> None:
                   [sidecar_a.pid, sidecar_b.pid]),
             Path_("upstream, mTLS (sidecar -> sidecar -> app)", f"http://127.0.0.1:{tls_upstream}/",
                   [tls_a.pid, tls_b.pid]),
+            Path_("inbound, forked sidecar", f"http://127.0.0.1:{fork_public}/", [fork_a.pid]),
+            Path_("upstream, mTLS, forked sidecars", f"http://127.0.0.1:{ftls_upstream}/",
+                  [ftls_a.pid, ftls_b.pid]),
             Path_("Consul Connect proxy pair (mTLS)", f"http://127.0.0.1:{connect_upstream}/", connect_pids),
         ]
         print(f"warming up, then {args.rounds} rounds of {args.seconds:g}s per path", file=sys.stderr)

@@ -41,7 +41,6 @@ import sidecar.main  # noqa: F401  (sidecar, relay, mTLS, discovery, telemetry, 
 from shared.mesh.endpoint import run_process
 from sidecar.settings import SidecarSettings
 
-_PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 MAX_REQUEST = 1 << 20  # a sidecar's whole environment fits many times over
@@ -53,6 +52,12 @@ def peer_uid(conn: socket.socket) -> int:
 
 
 def serve(name: str) -> None:
+    # The process title library finds the command line's memory from the environment as
+    # it was at start; a sidecar replaces the environment, so it is set up here, once.
+    os.environ["SPT_NOENV"] = "1"
+    import setproctitle
+
+    setproctitle.setproctitle("meshvisor sidecar fork server")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind("\0" + name)
     listener.listen(64)
@@ -133,7 +138,6 @@ def become_sidecar(env: dict[str, str], cwd: str, output: int, supervisor: int, 
         _libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
         if os.getppid() != supervisor:  # the supervisor died before prctl took effect
             os._exit(1)
-        _libc.prctl(_PR_SET_NAME, b"sidecar", 0, 0, 0)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(output, 1)

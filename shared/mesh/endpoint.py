@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -156,6 +157,17 @@ class MeshEndpoint:
                                                    "cut_requests": not all(idle)}})
 
 
+def name_the_process(title: str) -> None:
+    """What `ps` and `top` show for this process, e.g. "meshvisor sidecar web.1": without it
+    every sidecar is "python -m sidecar", and a forked one the fork server's command line.
+    Written over the command line's own memory only (SPT_NOENV): /proc/PID/environ stays
+    readable, and a title longer than the command line is cut."""
+    os.environ.setdefault("SPT_NOENV", "1")
+    import setproctitle
+
+    setproctitle.setproctitle(title)
+
+
 def run_process(settings_class: type[InstanceSettings], run: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
     """The entry point of a mesh process (`python -m sidecar`, `python -m services.gateway`):
     its settings from the environment (a bad one: one line naming the variable, exit 2),
@@ -166,5 +178,6 @@ def run_process(settings_class: type[InstanceSettings], run: Callable[[Any], Cor
         print(exc, file=sys.stderr)
         sys.exit(2)
     logsetup.setup(settings_class.component, settings.service, settings.instance)
+    name_the_process(f"meshvisor {settings_class.component} {settings.instance}")
     with exit_cleanly_if_it_cannot_listen():
         uvloop.run(run(settings))

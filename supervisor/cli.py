@@ -15,7 +15,7 @@ import msgspec
 
 from supervisor import config as config_mod
 from supervisor import state
-from supervisor.control import ControlClient, ControlError, NotRunning
+from supervisor.control_client import ControlClient, ControlError, NotRunning
 from supervisor.logs import Printer
 
 
@@ -28,7 +28,7 @@ def _load(ctx: click.Context) -> config_mod.Config:
 
 def _call(cfg: config_mod.Config, method: str, route: str, body=None) -> dict:
     try:
-        return asyncio.run(ControlClient(cfg.socket_path).call(method, route, body))
+        return ControlClient(cfg.socket_path).call(method, route, body)
     except NotRunning:
         click.echo(f"the supervisor is not running (no control socket answers at {cfg.socket_path})", err=True)
         sys.exit(3)
@@ -101,7 +101,7 @@ def _start_detached(cfg: config_mod.Config, wait_timeout: float) -> int:
                 click.echo("  " + line, err=True)
             return 1
         try:
-            report = asyncio.run(client.call("GET", "/v1/status"))
+            report = client.call("GET", "/v1/status")
         except (NotRunning, ControlError, OSError):
             time.sleep(0.3)
             continue
@@ -144,7 +144,7 @@ def _cluster_status(cfg: config_mod.Config, as_json: bool) -> None:
     from supervisor import cluster
 
     try:
-        payload = asyncio.run(ControlClient(cfg.socket_path, timeout=60).call("GET", "/v1/cluster"))
+        payload = ControlClient(cfg.socket_path, timeout=60).call("GET", "/v1/cluster")
         picture = msgspec.convert(payload, cluster.Picture)
     except NotRunning:
         if cfg.consul.mode == "embedded":

@@ -14,6 +14,7 @@ problems (an unknown service is one of them).
 
 The server is typed against the small `Controllable` Protocol, not the daemon: the
 daemon imports this module to serve it, and this module imports nothing of the daemon.
+The client is supervisor/control_client.py, apart so that the CLI does not import aiohttp.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-import aiohttp
 import msgspec
 from aiohttp import web
 
@@ -66,14 +66,6 @@ class Outcome(msgspec.Struct):
     ok: bool
     problems: list[str] = []
     changes: list[str] = []
-
-
-class NotRunning(Exception):
-    pass
-
-
-class ControlError(Exception):
-    pass
 
 
 def _json(data, status: int = 200) -> web.Response:
@@ -153,27 +145,3 @@ class ControlServer:
         await self._runner.cleanup()
         self.path.unlink(missing_ok=True)
 
-
-class ControlClient:
-    def __init__(self, path: Path, timeout: float = 600) -> None:
-        self.path = path
-        self.timeout = timeout
-
-    async def call(self, method: str, route: str, body=None) -> dict:
-        if not self.path.exists():
-            raise NotRunning()
-        connector = aiohttp.UnixConnector(path=str(self.path))
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
-        try:
-            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-                data = msgspec.json.encode(body) if body is not None else None
-                async with session.request(method, f"http://supervisor{route}", data=data) as resp:
-                    try:
-                        payload = msgspec.json.decode(await resp.read())
-                    except msgspec.DecodeError:
-                        raise ControlError(f"HTTP {resp.status} from the supervisor") from None
-                    if resp.status >= 400 and resp.status != 409:
-                        raise ControlError("; ".join(payload.get("problems", [])) or f"HTTP {resp.status}")
-                    return payload
-        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError):
-            raise NotRunning() from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from supervisor.control import ControlClient
+from supervisor.control_client import ControlClient
 from supervisor.ports import ephemeral_range
 from supervisor.state import clean_leftovers
 
@@ -151,7 +150,7 @@ class Project:
         return "\n".join(found) or "  (none)"
 
     def status(self) -> dict:
-        return asyncio.run(ControlClient(self.state_dir / "run" / "control.sock", timeout=10).call("GET", "/v1/status"))
+        return ControlClient(self.state_dir / "run" / "control.sock", timeout=10).call("GET", "/v1/status")
 
     def rows(self, service: str | None = None) -> list[dict]:
         return [r for r in self.status()["processes"] if service is None or r["service"] == service]

@@ -19,7 +19,8 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
+# psutil is imported inside the two functions of the running supervisor that use it: the
+# CLI imports this module for holder_pid and prepare, and importing psutil cost it ~20 ms.
 
 
 class AlreadyRunning(Exception):
@@ -86,6 +87,8 @@ class PidRecord:
         self._pids: dict[int, dict] = {}
 
     def add(self, pid: int, name: str) -> None:
+        import psutil
+
         try:
             created = psutil.Process(pid).create_time()
         except psutil.Error:
@@ -109,6 +112,8 @@ def clean_leftovers(state_dir: Path, say, grace: float = 5.0) -> int:
     Every recorded process led its own process group; the group outlives its leader as
     long as something it forked runs, so members are found by group id, not by parent.
     """
+    import psutil
+
     path = state_dir / "run" / "pids.json"
     try:
         recorded = json.loads(path.read_text())

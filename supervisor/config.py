@@ -7,6 +7,7 @@ message naming the file and the key, before any process starts.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import tomllib
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import msgspec
 
-from sidecar.settings import SidecarSettings
 from supervisor.config_hosts import port_of as _port_of
 from supervisor.config_hosts import validate_hosts
 from supervisor.config_prometheus import PrometheusSettings, validate_prometheus
@@ -29,10 +29,19 @@ _DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-# A sidecar's environment that the supervisor sets (supervisor/instance.sidecar_spec, and
-# [consul] for every process): sidecar_env may not name these, since a value there would
-# be either ignored or, for Consul's address, point one service's sidecars elsewhere.
-SIDECAR_ENV_FROM_SUPERVISOR = SidecarSettings.env_names(supervisor=True)
+
+@functools.cache
+def sidecar_env_from_supervisor() -> frozenset[str]:
+    """A sidecar's environment that the supervisor sets (supervisor/instance.sidecar_spec,
+    and [consul] for every process): sidecar_env may not name these, since a value there
+    would be either ignored or, for Consul's address, point one service's sidecars elsewhere.
+
+    Read from the sidecar's settings when first asked, not at import: every CLI verb
+    loads the config, and only a service with sidecar_env needs them (importing them and
+    reading their table took ~10 ms)."""
+    from sidecar.settings import SidecarSettings
+
+    return SidecarSettings.env_names(supervisor=True)
 
 
 class ConfigError(Exception):
@@ -152,7 +161,7 @@ class ServiceSettings(_Strict):
     # inbound traffic to the app and serves the upstream listeners.
     sidecar: bool = True
     # Extra environment of this service's sidecars, e.g. SIDECAR_ACCESS_LOG = "0" or
-    # SIDECAR_REQUEST_TIMEOUT = "60" (not what the supervisor sets: SIDECAR_ENV_FROM_SUPERVISOR).
+    # SIDECAR_REQUEST_TIMEOUT = "60" (not what the supervisor sets: sidecar_env_from_supervisor()).
     sidecar_env: dict[str, str] = {}
     # The app answers a repeated Idempotency-Key with the first outcome on all its
     # non-idempotent operations: the gateway and sidecars may then resend keyed requests.
@@ -390,7 +399,7 @@ def _validate(config: Config, file: FileSettings, commands: dict[str, str], show
         for var in svc.sidecar_env:
             if not _ENV_NAME.match(var):
                 fail(f"{key}.sidecar_env.{var}", "is not a valid environment variable name")
-            if var in SIDECAR_ENV_FROM_SUPERVISOR:
+            if var in sidecar_env_from_supervisor():
                 fail(f"{key}.sidecar_env.{var}", "is set by the supervisor for each instance (ports, identity, "
                      "the service's settings, [consul]): set the matching key of the config instead")
         if svc.idempotency_key and not svc.sidecar:

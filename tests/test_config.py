@@ -54,7 +54,7 @@ def test_valid_config_resolves_defaults_and_overrides(tmp_path):
 
 
 def test_sidecar_env_reaches_the_sidecar_but_may_not_name_what_the_supervisor_sets(tmp_path):
-    from supervisor.config import SIDECAR_ENV_FROM_SUPERVISOR
+    from supervisor.config import sidecar_env_from_supervisor
     from supervisor.instance import InstancePorts, sidecar_spec
 
     web = load(write(tmp_path, GOOD)).services["web"]
@@ -63,7 +63,7 @@ def test_sidecar_env_reaches_the_sidecar_but_may_not_name_what_the_supervisor_se
     assert spec.env["SIDECAR_ACCESS_LOG"] == "0" and spec.env["PATH"] == "/bin"
     assert "GREETING" not in spec.env, "the app's env is the app's"
     # Every variable the supervisor sets is refused in sidecar_env, with the key named.
-    assert set(spec.env) - {"PATH", "SIDECAR_ACCESS_LOG"} == SIDECAR_ENV_FROM_SUPERVISOR
+    assert set(spec.env) - {"PATH", "SIDECAR_ACCESS_LOG"} == sidecar_env_from_supervisor()
     for var in ("SIDECAR_PORT", "CONSUL_HTTP_ADDR"):
         message = error_of(tmp_path, GOOD.replace('SIDECAR_ACCESS_LOG = "0"', f'{var} = "1"'))
         assert f"services.web.sidecar_env.{var}: is set by the supervisor" in message

@@ -13,7 +13,7 @@ from shared.mesh.envstruct import SettingsError
 from shared.mesh.meta import InstanceMeta
 from shared.mesh.naming import node_name, service_id
 from sidecar.settings import SidecarSettings
-from supervisor.config import SIDECAR_ENV_FROM_SUPERVISOR
+from supervisor.config import sidecar_env_from_supervisor
 
 SIDECAR_REQUIRED = {"SERVICE_NAME": "api", "SIDECAR_PORT": "21001", "APP_PORT": "21000"}
 
@@ -59,7 +59,7 @@ def test_variable_names_and_defaults_are_the_documented_ones():
     assert s.header_timeout == 10.0
     assert s.mtls is True  # plain HTTP between mesh members only when asked for
     assert s.app_metrics == "/metrics"
-    assert SidecarSettings.env_names() == SIDECAR_ENV_FROM_SUPERVISOR | {
+    assert SidecarSettings.env_names() == sidecar_env_from_supervisor() | {
         "CONSUL_NODE", "SIDECAR_CHECK_INTERVAL", "SIDECAR_CHECK_TIMEOUT", "SIDECAR_DEREGISTER_AFTER",
         "SIDECAR_CONNECT_TIMEOUT", "SIDECAR_REQUEST_TIMEOUT", "SIDECAR_HEADER_TIMEOUT", "SIDECAR_RETRIES",
         "SIDECAR_ACCESS_LOG", "SIDECAR_UNIX_SOCKET", "SIDECAR_APP_METRICS"}
@@ -77,7 +77,7 @@ def test_variable_names_and_defaults_are_the_documented_ones():
 
 
 def test_the_names_sidecar_env_may_not_use_are_those_the_supervisor_sets():
-    assert SIDECAR_ENV_FROM_SUPERVISOR == SidecarSettings.env_names(supervisor=True) == {
+    assert sidecar_env_from_supervisor() == SidecarSettings.env_names(supervisor=True) == {
         "SERVICE_NAME", "INSTANCE_INDEX", "SERVICE_ID", "SIDECAR_PORT", "APP_PORT", "SIDECAR_ADMIN_PORT",
         "HEALTH_PATH", "SERVICE_ROUTE", "OPENAPI_PATH", "SERVICE_VERSION", "SERVICE_IDEMPOTENCY_KEY",
         "SIDECAR_UPSTREAMS", "SIDECAR_DRAIN_SECONDS", "SIDECAR_REUSE_PORT", "APP_SOCKET", "SIDECAR_HOST", "CONSUL_HTTP_ADDR",
@@ -85,7 +85,7 @@ def test_the_names_sidecar_env_may_not_use_are_those_the_supervisor_sets():
     # What the supervisor decides is always written, even at its default; the rest only
     # where it differs, so an operator's sidecar_env beneath is not overwritten.
     supervised = SidecarSettings(service="api", port=1, app_port=2, service_id="api-n-1")
-    assert set(supervised.to_env()) == SIDECAR_ENV_FROM_SUPERVISOR
+    assert set(supervised.to_env()) == sidecar_env_from_supervisor()
 
 
 SIDECAR_NUMBERS = ["INSTANCE_INDEX", "SIDECAR_PORT", "APP_PORT", "SIDECAR_ADMIN_PORT", "SIDECAR_DRAIN_SECONDS",

@@ -1,11 +1,15 @@
-"""The `supervisor` command: start the stack, or talk to the running supervisor."""
+"""The `supervisor` command: start the stack, or talk to the running supervisor.
+
+Every verb pays for what this module imports, and the common ones (status, scale,
+restart, stop...) are one request to the control socket: so only what they need is
+imported here (the control client is the standard library's http.client), and the
+daemon, asyncio, aiohttp and what a single verb needs are imported by that verb.
+tests/test_structure.py checks that importing this module leaves aiohttp out.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +20,6 @@ import msgspec
 from supervisor import config as config_mod
 from supervisor import state
 from supervisor.control_client import ControlClient, ControlError, NotRunning
-from supervisor.logs import Printer
 
 
 def _load(ctx: click.Context) -> config_mod.Config:
@@ -66,6 +69,8 @@ def start(ctx: click.Context, name: str | None, detach: bool, wait_timeout: floa
         raise click.ClickException(f"a supervisor is already running for {cfg.state_dir} (pid {holder})")
     if detach:
         sys.exit(_start_detached(cfg, wait_timeout))
+    import asyncio
+
     from supervisor.daemon import Daemon
 
     code = asyncio.run(Daemon(cfg, foreground=not daemon).run())
@@ -83,6 +88,8 @@ def _service_verb(cfg: config_mod.Config, verb: str, name: str) -> None:
 
 
 def _start_detached(cfg: config_mod.Config, wait_timeout: float) -> int:
+    import subprocess
+
     state.prepare(cfg.state_dir)
     out_path = cfg.state_dir / "logs" / "supervisor.out"
     argv = [sys.executable, "-m", "supervisor", "--config", str(cfg.config_path), "start", "--daemon"]
@@ -151,6 +158,8 @@ def _cluster_status(cfg: config_mod.Config, as_json: bool) -> None:
             click.echo(f"the supervisor is not running (no control socket answers at {cfg.socket_path}), "
                        "and with it its Consul agent", err=True)
             sys.exit(3)
+        import asyncio
+
         try:
             picture = asyncio.run(cluster.read(cfg.consul.address, cfg.consul.token))
         except cluster.Unreachable as exc:
@@ -304,6 +313,7 @@ def logs(ctx: click.Context, target: str | None, follow: bool, lines: int) -> No
     """Show logs of every process, of one service (NAME) or of one instance (NAME.INDEX)."""
     cfg = _load(ctx)
     from supervisor import logview
+    from supervisor.logs import Printer
 
     files = logview.select(cfg.state_dir / "logs", target)
     if not files:
@@ -323,6 +333,8 @@ def trace(ctx: click.Context, request_id: str, as_json: bool) -> None:
     """One request's path through the gateway, sidecars and apps, from every process's
     logs, as a waterfall: REQUEST_ID is a response's X-Request-Id."""
     cfg = _load(ctx)
+    import shutil
+
     from supervisor import trace as trace_mod
     from supervisor import waterfall
 
@@ -379,6 +391,8 @@ def intentions(ctx: click.Context, change: tuple[str, ...]) -> None:
     SOURCE and DESTINATION are service names or * (every service); an exact name wins
     over *. A change reaches open connections within about 2 s.
     """
+    import asyncio
+
     cfg = _load(ctx)
     if change and (len(change) != 3 or change[0] not in ("allow", "deny")):
         raise click.UsageError("intentions [allow|deny SOURCE DESTINATION]")
@@ -418,6 +432,8 @@ async def _intentions(address: str, token_value: str, change: tuple[str, ...]) -
 def install_service(ctx: click.Context, unit_dir: Path, user: str | None, print_only: bool, no_enable: bool) -> None:
     """Run this stack at boot as a systemd service (systemctl stop stops it cleanly)."""
     cfg = _load(ctx)
+    import subprocess
+
     from supervisor import unit
 
     if print_only:

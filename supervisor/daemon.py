@@ -196,7 +196,7 @@ class Daemon:
         spec = ProcessSpec(name="forkserver", argv=server.argv(), env=self.builder.base_env(), cwd=str(self.config.root),
                            restart=RESTART_POLICY, stop_timeout=5.0, ready_check=server.ready,
                            tags={"role": "forkserver"})
-        server.process = self.builder.make_process(spec)
+        server.attach(self.builder.make_process(spec))
         self.infra.append(server.process)
         server.process.start()
         self.builder.fork_sidecar = server.fork

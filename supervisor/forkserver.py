@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import importlib.util
 import json
 import os
 import secrets
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from supervisor.process import Process, ProcessSpec, State
 
 _PR_SET_CHILD_SUBREAPER = 36
+FORK_SERVER_RESTART_TIMEOUT = 15.0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -78,10 +80,17 @@ class ForkServer:
 
     def __init__(self) -> None:
         self.name = socket_name()
-        self.process: Process | None = None  # set by whoever starts spec()
+        self.process: Process | None = None  # set by attach()
+        self._imported = ""  # code_fingerprint() when the running fork server started
+        self._refresh = asyncio.Lock()
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "sidecar.forkserver", self.name]
+
+    def attach(self, process: Process) -> None:
+        """`process` runs argv(); it imports the code as it is when it is spawned."""
+        self.process = process
+        process.spawn_listeners.append(lambda _: setattr(self, "_imported", code_fingerprint()))
 
     async def ready(self) -> bool:
         """Answers an empty request (the ping) from its socket."""
@@ -92,10 +101,27 @@ class ForkServer:
 
     async def fork(self, spec: ProcessSpec) -> ForkedChild | None:
         """ProcessSpec.fork for a sidecar: None while the fork server is not running."""
+        if self.process is None or not spec_is_forkable(spec):
+            return None
+        await self._restart_if_code_changed()
         process = self.process
-        if process is None or process.state != State.RUNNING or process.pid is None or not spec_is_forkable(spec):
+        if process.state != State.RUNNING or process.pid is None:
             return None
         return await self._spawn(spec, process.pid)
+
+    async def _restart_if_code_changed(self) -> None:
+        """A sidecar restarted after a deploy must run the new code, as an exec'd one would:
+        when the sidecar's or the shared library's sources, or the installed packages, changed
+        since the fork server imported them, it is restarted first (one restart, however many
+        sidecars are waiting)."""
+        async with self._refresh:
+            process = self.process
+            if process is None or process.state != State.RUNNING or code_fingerprint() == self._imported:
+                return
+            process.log.write(b"[meshvisor] the sidecar's code changed since the fork server imported it: restarting it")
+            await process.stop()
+            process.start()
+            await process.wait_settled(FORK_SERVER_RESTART_TIMEOUT)
 
     async def _spawn(self, spec: ProcessSpec, server_pid: int) -> ForkedChild:
         """Fork a sidecar with the spec's environment and working directory; OSError if
@@ -162,6 +188,30 @@ class OrphanReaper:
                 pass
         self._seen = suspects
         return reaped
+
+
+def code_fingerprint() -> str:
+    """When what a fork server imports last changed: the newest modification time among the
+    sources of the sidecar and shared packages, and of the directory the dependencies are
+    installed in (pip adds and removes a folder there per package it installs)."""
+    newest = 0.0
+    for package in ("sidecar", "shared"):
+        found = importlib.util.find_spec(package)
+        for folder in (found.submodule_search_locations or []) if found else []:
+            for root, _dirs, files in os.walk(folder):
+                for name in files:
+                    if name.endswith(".py"):
+                        try:
+                            newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+                        except OSError:
+                            pass
+    dependency = importlib.util.find_spec("aiohttp")  # any installed package: its parent is site-packages
+    if dependency is not None and dependency.origin:
+        try:
+            newest = max(newest, os.stat(os.path.dirname(os.path.dirname(dependency.origin))).st_mtime)
+        except OSError:
+            pass
+    return repr(newest)
 
 
 def spec_is_forkable(spec: ProcessSpec) -> bool:

@@ -112,6 +112,9 @@ class Process:
         # Called with this process when it exits (not when we stop it): the instance
         # uses it to tell the sidecar that its app died.
         self.exit_listeners: list[Callable[[Process], None]] = []
+        # Called with this process each time it is spawned (the fork server notes what
+        # code it imports).
+        self.spawn_listeners: list[Callable[[Process], None]] = []
         self._proc: Any = None  # asyncio's subprocess.Process, or a ForkedChild (same four members)
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -227,6 +230,8 @@ class Process:
         self._cpu_ticks = {}
         if self._on_spawn:
             self._on_spawn(self)
+        for listener in self.spawn_listeners:
+            listener(self)
 
     @staticmethod
     async def _exec(spec: ProcessSpec) -> asyncio.subprocess.Process:

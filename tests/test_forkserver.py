@@ -75,6 +75,23 @@ def test_forked_sidecars_are_supervised_like_exec_d_ones(agent):
                  and len(agent.passing("web")) == 3, 30, what="web.2's sidecar back")
         assert forked(sidecar_pids(p)["web.2.sidecar"])
 
+        # A deploy: the sidecar's sources change. The next sidecar started runs them, as an
+        # exec'd one would: the fork server is restarted first.
+        source = ROOT / "sidecar" / "settings.py"
+        before = source.stat()
+        server_pid = next(r for r in p.rows() if r["process"] == "forkserver")["pid"]
+        try:
+            os.utime(source, (before.st_atime, time.time() + 5))
+            third = sidecar_pids(p)["web.3.sidecar"]
+            os.kill(third, signal.SIGKILL)
+            wait_for(lambda: sidecar_pids(p).get("web.3.sidecar") not in (None, third)
+                     and len(agent.passing("web")) == 3, 30, what="web.3's sidecar back")
+        finally:
+            os.utime(source, (before.st_atime, before.st_mtime))
+        assert next(r for r in p.rows() if r["process"] == "forkserver")["pid"] != server_pid
+        assert "code changed since the fork server imported it" in p.log("forkserver")
+        assert forked(sidecar_pids(p)["web.3.sidecar"])
+
         # The supervisor SIGKILLed: its parent-death signal reaches every forked sidecar.
         everything = list(sidecar_pids(p).values())
         os.kill(supervisor, signal.SIGKILL)

@@ -186,9 +186,10 @@ class Project:
         if pid and psutil.pid_exists(pid):
             try:
                 os.kill(pid, signal.SIGTERM)
-                psutil.Process(pid).wait(30)
-            except (psutil.Error, ProcessLookupError):
+            except ProcessLookupError:
                 pass
+            else:
+                exited(pid, 30)
         for p in procs:
             try:
                 p.kill()
@@ -196,6 +197,22 @@ class Project:
                 pass
         # Leftovers recorded in pids.json (e.g. after a SIGKILL test): killed at once.
         clean_leftovers(self.state_dir, say=lambda message: None, grace=0)
+
+
+def exited(pid: int, timeout: float) -> bool:
+    """Wait until `pid` has exited (gone, or a zombie); False if it still runs after `timeout`.
+
+    Not psutil's wait(): for a process that is not our child (a detached supervisor's
+    parent is init) that waits until init has reaped it, and an init that reaps orphans
+    only every ~2 s (as on the development machine) added that much to every stack's
+    teardown. A zombie has stopped all the same: `alive` does not count it either.
+    """
+    deadline = time.monotonic() + timeout
+    while alive([pid]):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def alive(pids) -> list[int]:

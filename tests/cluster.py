@@ -24,6 +24,7 @@ import tempfile
 import textwrap
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.netns import Host
@@ -174,10 +175,18 @@ drain_seconds = 1.0
         return sorted(e["Node"]["Node"] for e in self.consul_get(f"/v1/health/connect/{service}?passing"))
 
     def cleanup(self) -> None:
-        for h in reversed(self.hosts):
+        """Stop every host, the clients first and together (each takes seconds: its
+        instances drain, its Consul client leaves the cluster), then the server; kill
+        whatever is left."""
+
+        def stop(h: ClusterHost) -> None:
             try:
                 h.stop()
             except (subprocess.SubprocessError, OSError):
                 pass
             h.host.kill_all()
+
+        with ThreadPoolExecutor(len(self.hosts)) as pool:
+            list(pool.map(stop, self.hosts[1:]))
+        stop(self.hosts[0])
         shutil.rmtree(self.base, ignore_errors=True)

@@ -191,6 +191,7 @@ def web_services(index: int) -> str:
 [services.web]
 instances = 1
 route = "/web"
+drain_seconds = 0.5  # not what these tests are about: keeps the stops short
 """
 
 

@@ -139,6 +139,7 @@ address = "10.0.0.1:54329"
     agent = agent_settings(cfg, cfg.consul.token)
     assert agent["retry_join"] == ["10.0.0.1"] and agent["bind_addr"] == "10.0.0.2" and agent["encrypt"] == key
     assert "server" not in agent and agent["leave_on_terminate"] is True
+    assert agent["retry_interval"] == "5s", "a host that booted before the servers joins soon after them"
     assert "tokens" not in agent["acl"], "the master token is for servers only"
     assert agent["client_addr"] == "127.0.0.1" and agent["node_name"] == "host2"
 

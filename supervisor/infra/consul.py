@@ -66,6 +66,10 @@ def agent_settings(config: Config, management_token: str) -> dict:
         "log_level": "warn",
         "connect": {"enabled": True},
         "retry_join": list(c.join),
+        # A host that booted before the servers tries again every 5 s (Consul's default
+        # is 30 s): it joins within 5 s of a server coming up. A failed try costs one
+        # refused connection.
+        "retry_interval": "5s",
         # A client leaves the cluster when stopped (its services go at once); a server
         # stays a Raft peer through a restart, as Consul advises.
         "leave_on_terminate": c.role == "client",

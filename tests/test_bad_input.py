@@ -50,7 +50,7 @@ from shared.mesh.relay import MAX_HEAD
 from services.auth.contract import LoginRequest
 from shared.kit.web import decode, json_response, query
 from tests.figures import figure
-from tests.helpers import ConsulDevAgent, wait_for
+from tests.helpers import wait_for
 from tests.stack import app_stack, call, shaped, user
 
 GATEWAY_MAX_BODY = GatewaySettings.from_env({}).max_body  # 10 MiB unless GATEWAY_MAX_BODY says otherwise
@@ -175,9 +175,8 @@ class World(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def world():
-    agent = ConsulDevAgent(acl=True)
-    agent.start()
+def world(acl_agents):
+    agent = acl_agents.take()  # conftest.AclAgents: started ahead
     p = app_stack(agent.address)
     try:
         p.start(timeout=120)
@@ -193,7 +192,7 @@ def world():
         yield World(p, (host, int(port)), alice, alice_token, bob, bob_token, item, fuzz_token)
     finally:
         p.cleanup()
-        agent.close()
+        acl_agents.give_back(agent)
 
 
 def body_endpoints(w: World) -> list[tuple[str, str, str | None]]:

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.figures import figure
-from tests.helpers import PY, ConsulDevAgent, alive, wait_for
+from tests.helpers import PY, alive, wait_for
 from tests.load import ITEMS, Load, LoadResult
 from tests.pg import PostgresServer
 from tests.stack import app_stack, call, shaped, user
@@ -29,11 +29,10 @@ EXAMPLE = 3
 
 
 @pytest.fixture(scope="module")
-def consul():
-    agent = ConsulDevAgent(acl=True)
-    agent.start()
+def consul(acl_agents):
+    agent = acl_agents.take()  # conftest.AclAgents: started ahead
     yield agent
-    agent.close()
+    acl_agents.give_back(agent)
 
 
 @pytest.fixture(scope="module")

@@ -211,7 +211,7 @@ def test_off_starts_none(agent):
     p = mesh_project(agent.address, {"web": ""})
     try:
         p.start()
-        assert {r["service"] for r in p.rows()} == {"web"}
+        assert {r["service"] for r in p.rows()} == {"web", "forkserver"}, "no prometheus"
         assert not (p.state_dir / "prometheus").exists()
         assert not [c for c in p.descendants() if "prometheus" in c.name()]
     finally:

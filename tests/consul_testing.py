@@ -81,8 +81,7 @@ async def dev_agent():
         await agent.wait_leader()
         yield agent
     finally:
-        await agent.stop()
-        agent.cleanup()
+        agent.cleanup()  # a SIGKILL: nothing of a dev agent outlives it (ConsulDevAgent.close)
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ def serve(name: str) -> None:
     os.environ["SPT_NOENV"] = "1"
     import setproctitle
 
-    setproctitle.setproctitle("meshvisor sidecar fork server")
+    setproctitle.setproctitle("sidecar fork server")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind("\0" + name)
     listener.listen(64)

@@ -49,7 +49,7 @@ def test_forked_sidecars_are_supervised_like_exec_d_ones(agent):
         for name, pid in sidecars.items():
             proc = psutil.Process(pid)
             assert forked(pid), "forked, not exec'd"
-            assert " ".join(proc.cmdline()).startswith(f"meshvisor sidecar {name.removesuffix('.sidecar')}"), \
+            assert " ".join(proc.cmdline()).startswith(f"sidecar {name.removesuffix('.sidecar')}"), \
                 "its title in ps and top"
             assert proc.ppid() == supervisor, "handed to the supervisor (child subreaper), not the fork server's"
             assert os.getsid(pid) == pid and os.getpgid(pid) == pid, "its own session and group"

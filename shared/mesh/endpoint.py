@@ -158,7 +158,7 @@ class MeshEndpoint:
 
 
 def name_the_process(title: str) -> None:
-    """What `ps` and `top` show for this process, e.g. "meshvisor sidecar web.1": without it
+    """What `ps` and `top` show for this process, e.g. "sidecar web.1": without it
     every sidecar is "python -m sidecar", and a forked one the fork server's command line.
     Written over the command line's own memory only (SPT_NOENV): /proc/PID/environ stays
     readable, and a title longer than the command line is cut."""
@@ -178,6 +178,6 @@ def run_process(settings_class: type[InstanceSettings], run: Callable[[Any], Cor
         print(exc, file=sys.stderr)
         sys.exit(2)
     logsetup.setup(settings_class.component, settings.service, settings.instance)
-    name_the_process(f"meshvisor {settings_class.component} {settings.instance}")
+    name_the_process(f"{settings_class.component} {settings.instance}")
     with exit_cleanly_if_it_cannot_listen():
         uvloop.run(run(settings))

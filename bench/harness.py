@@ -99,10 +99,11 @@ class Processes:
         """A sidecar forked by a fork server of this benchmark, as the supervisor forks them
         ([supervisor] fork_sidecars): this process becomes a child subreaper and gets it."""
         sys.path.insert(0, str(ROOT))
-        from supervisor.forkserver import ForkServer, become_subreaper
+        from shared.procctl import become_child_subreaper
+        from supervisor.forkserver import ForkServer
 
         if not hasattr(self, "_fork_server"):
-            assert become_subreaper()
+            assert become_child_subreaper()
             self._fork_server = ForkServer()
             server = self.start(self._fork_server.argv(), name="forkserver")
             deadline = time.monotonic() + 30

@@ -26,29 +26,21 @@ supervisor checks in turn that the socket it reached is held by the process it s
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 
 # Everything a running sidecar imports, imported once here and shared by every fork.
 import sidecar.main  # noqa: F401  (sidecar, relay, mTLS, discovery, telemetry, ...)
 from shared.mesh.endpoint import run_process
+from shared.procctl import die_with_parent, peer_credentials
 from sidecar.settings import SidecarSettings
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 MAX_REQUEST = 1 << 20  # a sidecar's whole environment fits many times over
-
-
-def peer_uid(conn: socket.socket) -> int:
-    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return uid
 
 
 def serve(name: str) -> None:
@@ -70,7 +62,7 @@ def serve(name: str) -> None:
     while True:
         conn, _ = listener.accept()
         with conn:
-            if peer_uid(conn) != os.getuid():
+            if peer_credentials(conn)[1] != os.getuid():
                 continue  # not our user: no answer at all
             try:
                 reply = handle(conn, listener)
@@ -135,8 +127,7 @@ def become_sidecar(env: dict[str, str], cwd: str, output: int, supervisor: int, 
             if time.monotonic() > deadline:
                 os._exit(1)
             time.sleep(0.0005)
-        _libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
-        if os.getppid() != supervisor:  # the supervisor died before prctl took effect
+        if not die_with_parent(death_signal, supervisor):  # the supervisor died before it took effect
             os._exit(1)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)

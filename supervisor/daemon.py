@@ -30,7 +30,8 @@ from supervisor.builder import InstanceBuilder
 from supervisor.config import Config, Service
 from supervisor.control import ControlServer
 from shared.mesh.consul import ConsulError, make_client
-from supervisor.forkserver import ForkServer, become_subreaper
+from shared.procctl import become_child_subreaper
+from supervisor.forkserver import ForkServer
 from supervisor.infra import RESTART_POLICY, InfraError, acl
 from supervisor.infra import connect as connect_infra
 from supervisor.infra import consul as consul_infra
@@ -104,7 +105,7 @@ class Daemon:
                          f"connection may take an instance's port while it restarts; move the range below "
                          f"{ephemeral_range()[0]} or reserve it with net.ipv4.ip_local_reserved_ports")
             self._warn_about_readable_secrets()
-            if self.fork_server is not None and not become_subreaper():
+            if self.fork_server is not None and not become_child_subreaper():
                 self.say("warning: cannot become a child subreaper (prctl); sidecars are exec'd, not forked")
                 self.fork_server = None
             code = await self._serve()

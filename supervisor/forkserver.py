@@ -16,26 +16,17 @@ exec'd as before: forking saves memory and start-up time, it is never what a sta
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import importlib.util
 import json
 import os
 import secrets
 import socket
-import struct
 import sys
-from collections.abc import Callable
 
+from shared.procctl import become_child_subreaper, peer_credentials
 from supervisor.process import Process, ProcessSpec, State
 
-_PR_SET_CHILD_SUBREAPER = 36
 FORK_SERVER_RESTART_TIMEOUT = 15.0
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def become_subreaper() -> bool:
-    """Orphans of our descendants (the fork server's sidecars) become our children."""
-    return _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def socket_name() -> str:
@@ -149,7 +140,7 @@ class ForkServer:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(10)
             conn.connect("\0" + self.name)
-            pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            pid, _uid, _gid = peer_credentials(conn)
             if pid != server_pid:  # someone else holds the name: it gets no environment of ours
                 raise OSError(f"the fork server's socket is held by pid {pid}, not {server_pid}")
             if output is not None:

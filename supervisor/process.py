@@ -10,7 +10,6 @@ operator's ceiling). The supervisor raises its own once at start too.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import enum
 import os
 import resource
@@ -23,11 +22,10 @@ from typing import Any
 import psutil
 
 from shared.backoff import CrashBackoff
+from shared.procctl import die_with_parent
 from supervisor.config import RestartPolicy
 from supervisor.logs import ProcessLog
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class State(str, enum.Enum):
@@ -80,8 +78,7 @@ def raise_open_files_limit() -> tuple[int, int]:
 def _child_setup(parent_pid: int, death_signal: int) -> Callable[[], None]:
     def setup() -> None:
         # Runs in the child after setsid/setuid (credential changes clear the setting).
-        _libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        if not die_with_parent(death_signal, parent_pid):  # the parent died before it took effect
             os._exit(1)
         raise_open_files_limit()
 

@@ -100,7 +100,7 @@ class Processes:
         ([supervisor] fork_sidecars): this process becomes a child subreaper and gets it."""
         sys.path.insert(0, str(ROOT))
         from shared.procctl import become_child_subreaper
-        from supervisor.forkserver import ForkServer
+        from supervisor.forkserver import ForkServer, fork_request
 
         if not hasattr(self, "_fork_server"):
             assert become_child_subreaper()
@@ -109,7 +109,7 @@ class Processes:
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    if self._fork_server._ask(b"", None, server.pid).get("ok"):
+                    if self._fork_server.ping(server.pid):
                         break
                 except OSError:
                     if time.monotonic() > deadline:
@@ -117,9 +117,8 @@ class Processes:
                 time.sleep(0.1)
             self._fork_server_pid = server.pid
         with open(Path(self.tmp) / f"{name}-{len(self.procs)}.log", "wb") as log:
-            request = json.dumps({"env": {**os.environ, **env}, "cwd": str(ROOT), "supervisor": os.getpid(),
-                                  "death_signal": int(signal.SIGTERM)}).encode()
-            reply = self._fork_server._ask(request, log.fileno(), self._fork_server_pid)
+            request = fork_request({**os.environ, **env}, str(ROOT), signal.SIGTERM)
+            reply = self._fork_server.ask(request, log.fileno(), self._fork_server_pid)
         proc = ForkedSidecar(int(reply["pid"]))
         self.procs.append(proc)
         return proc

@@ -84,11 +84,14 @@ class ForkServer:
         process.spawn_listeners.append(lambda _: setattr(self, "_imported", code_fingerprint()))
 
     async def ready(self) -> bool:
-        """Answers an empty request (the ping) from its socket."""
+        """Answers the ping from its socket."""
         if self.process is None or self.process.pid is None:
             return False
-        reply = await asyncio.to_thread(self._ask, b"", None, self.process.pid)
-        return reply.get("ok") is True
+        return await asyncio.to_thread(self.ping, self.process.pid)
+
+    def ping(self, server_pid: int) -> bool:
+        """An empty request: the fork server answers {"ok": true} once it serves."""
+        return self.ask(b"", None, server_pid).get("ok") is True
 
     async def fork(self, spec: ProcessSpec) -> ForkedChild | None:
         """ProcessSpec.fork for a sidecar: None while the fork server is not running."""
@@ -119,9 +122,8 @@ class ForkServer:
         the fork server cannot (the caller then exec's it)."""
         read_end, write_end = os.pipe()
         try:
-            request = json.dumps({"env": spec.env, "cwd": spec.cwd, "supervisor": os.getpid(),
-                                  "death_signal": int(spec.parent_death_signal)}).encode()
-            reply = await asyncio.to_thread(self._ask, request, write_end, server_pid)
+            request = fork_request(spec.env, spec.cwd, spec.parent_death_signal)
+            reply = await asyncio.to_thread(self.ask, request, write_end, server_pid)
         except BaseException:
             os.close(read_end)
             raise
@@ -136,7 +138,9 @@ class ForkServer:
                                      os.fdopen(read_end, "rb", 0))
         return ForkedChild(int(reply["pid"]), reader)
 
-    def _ask(self, request: bytes, output: int | None, server_pid: int) -> dict:
+    def ask(self, request: bytes, output: int | None, server_pid: int) -> dict:
+        """One request (fork_request, with `output` as the sidecar's stdout; or the ping)
+        to the fork server whose pid is `server_pid`, and its JSON reply; blocking."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(10)
             conn.connect("\0" + self.name)
@@ -154,6 +158,12 @@ class ForkServer:
             return json.loads(data)
         except ValueError:
             raise OSError("the fork server closed the connection without an answer") from None
+
+
+def fork_request(env: dict[str, str], cwd: str, death_signal: int) -> bytes:
+    """What the fork server needs for a sidecar (sidecar/forkserver.py): this process is the
+    one it is handed to, and whose death it follows."""
+    return json.dumps({"env": env, "cwd": cwd, "supervisor": os.getpid(), "death_signal": int(death_signal)}).encode()
 
 
 class OrphanReaper:

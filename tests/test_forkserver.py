@@ -110,9 +110,9 @@ def test_fork_server_answers_its_own_user_only():
         assert json.loads(proc.stdout.readline())["msg"] == "serving"
         server = ForkServer()
         server.name = name
-        assert server._ask(b"", None, proc.pid) == {"ok": True}
+        assert server.ask(b"", None, proc.pid) == {"ok": True}
         with pytest.raises(OSError, match="held by pid"):  # not the process we started: told nothing
-            server._ask(b"", None, proc.pid + 1)
+            server.ask(b"", None, proc.pid + 1)
         # Another user connects: closed without a word.
         probe = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(chr(0) + sys.argv[1]); "
                  "s.shutdown(socket.SHUT_WR); print(repr(s.recv(100)))")
@@ -126,7 +126,7 @@ def test_fork_server_answers_its_own_user_only():
             socket.send_fds(conn, [b"{not json"], [os.open(os.devnull, os.O_WRONLY)])
             conn.shutdown(socket.SHUT_WR)
             assert "error" in json.loads(conn.recv(65536))
-        assert server._ask(b"", None, proc.pid) == {"ok": True}
+        assert server.ask(b"", None, proc.pid) == {"ok": True}
     finally:
         proc.kill()
         proc.wait()

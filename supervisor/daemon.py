@@ -1,10 +1,11 @@
 """The running supervisor: brings the stack up in order, serves the control API, takes it down.
 
-Order up: the sidecars' fork server (supervisor/forkserver.py) alongside Consul (until it has a leader, and with ACLs until the management token
-works), the mesh's tokens and intentions (supervisor/infra/connect.py), Prometheus (until
-it is ready; supervisor/infra/prometheus.py), PostgreSQL (until
-it accepts logins, then one database and role per service), then every instance of every
-service. Down: services first, infrastructure last.
+Order up: the sidecars' fork server (supervisor/forkserver.py) while Consul starts (until
+it has a leader, and with ACLs until the management token works), the mesh's tokens and
+intentions (supervisor/infra/connect.py), Prometheus (until it is ready;
+supervisor/infra/prometheus.py), PostgreSQL (until it accepts logins, then one database and
+role per service), then every instance of every service. Down: services first,
+infrastructure last.
 
 This module is the run's lifecycle only: what an instance is given is the builder's
 (supervisor/builder.py), the figures `status` shows are the sampler's
